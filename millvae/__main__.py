@@ -1,0 +1,5 @@
+import sys
+
+from millvae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,216 @@
+"""The one validated configuration of a training run.
+
+Every `main` entry-point parameter is a field here, with its default and meaning; the CLI, MLproject
+(checked by a test) and README are built from this list. Validation happens once, before any data is
+loaded, and raises a one-line MillvaeError.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from millvae import SIGNAL_NAMES
+from millvae.errors import MillvaeError
+
+FINAL_ACTIVATIONS = ("sigmoid", "selu")
+DATA_KEYWORDS = ("auto", "nasa", "synthetic")
+SPLITS = ("window", "case", "cut")
+
+
+def _p(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Parameters of one β-VAE training run (defaults follow the seed's `model_fit`)."""
+
+    beta: float = _p(1.25, "weight of the KL term (β of the β-VAE), >= 0")
+    codings_size: int = _p(10, "size of the latent coding")
+    conv_layers: int = _p(1, "number of TCN blocks in encoder and decoder")
+    start_filter_no: int = _p(32, "filters of the TCN layers")
+    kernel_size: int = _p(2, "kernel size of the TCN layers and of the output Conv1D")
+    dilations: tuple[int, ...] = _p((1, 2, 4), "TCN dilations, comma-separated, e.g. 1,2,4,8")
+    final_activation: str = _p("sigmoid", "activation of the output layer: sigmoid or selu")
+    epochs: int = _p(1000, "epoch cap; early stopping normally ends a run long before")
+    earlystop_patience: int = _p(8, "epochs without val-loss improvement before stopping")
+    batch_size: int = _p(256, "training batch size")
+    learning_rate: float = _p(0.001, "Adam learning rate")
+    seed: int = _p(31, "random seed of weights, sampling and shuffling")
+    data: str = _p("auto", "a mill.mat path, or auto | nasa | synthetic")
+    signals: str = _p("all", "comma-separated signals, 'all' (the six) or 'available'")
+    labels: str = _p("", "labels CSV in the seed's format (stable regions); empty = detect")
+    window_size: int = _p(64, "samples per window; divisible by 2**conv_layers")
+    stride: int = _p(64, "samples between window starts")
+    split: str = _p("window", "window (seed protocol, leaks) | case (leak-free) | cut")
+    split_seed: int = _p(0, "seed of the case/cut splits (split=window uses the seed's 15/10)")
+    healthy_max_vb: float = _p(0.2, "flank wear (mm) below which a tool is healthy")
+    failed_min_vb: float = _p(0.7, "flank wear (mm) from which a tool is failed")
+    experiment: str = _p("millvae", "MLflow experiment name")
+
+    @property
+    def dilations_str(self) -> str:
+        return ",".join(map(str, self.dilations))
+
+    def to_params(self) -> dict[str, str]:
+        """Parameter strings as logged to MLflow."""
+        out = {}
+        for k, v in asdict(self).items():
+            out[k] = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        return out
+
+    def run_name(self) -> str:
+        """A run name in the seed's model-naming style: the key hyperparameters at a glance."""
+        return (
+            f"bvae_beta-{self.beta:g}_cod-{self.codings_size}_lay-{self.conv_layers}"
+            f"_fil-{self.start_filter_no}_ker-{self.kernel_size}_dil-{'-'.join(map(str, self.dilations))}"
+            f"_{self.final_activation}"
+        )
+
+
+PARAM_NAMES = tuple(f.name for f in fields(TrainConfig))
+PARAM_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+PARAM_DEFAULTS = TrainConfig().to_params()
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise MillvaeError(f"{name}: expected an integer; got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        raise MillvaeError(f"{name}: expected an integer; got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise MillvaeError(f"{name}: expected an integer; got {value!r}")
+    return int(f)
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        raise MillvaeError(f"{name}: expected a number; got {value!r}") from None
+    if not math.isfinite(f):
+        raise MillvaeError(f"{name}: expected a finite number; got {value!r}")
+    return f
+
+
+def parse_dilations(value: Any) -> tuple[int, ...]:
+    """'1,2,4', '[1, 2, 4]' or a sequence of ints -> (1, 2, 4)."""
+    if isinstance(value, list | tuple):
+        items = [str(v) for v in value]
+    else:
+        text = str(value).strip().strip("[]()")
+        items = [t for t in re.split(r"[,\s]+", text) if t]
+    try:
+        dil = tuple(int(t) for t in items)
+    except ValueError:
+        raise MillvaeError(
+            f"dilations: expected comma-separated positive integers like 1,2,4; got {value!r}"
+        ) from None
+    if not dil or any(d < 1 for d in dil):
+        raise MillvaeError(
+            f"dilations: expected comma-separated positive integers like 1,2,4; got {value!r}"
+        )
+    return dil
+
+
+def make_config(**raw: Any) -> TrainConfig:
+    """Build and validate a TrainConfig from strings or values (unknown keys are an error)."""
+    unknown = sorted(set(raw) - set(PARAM_NAMES))
+    if unknown:
+        raise MillvaeError(
+            f"unknown parameter(s) {', '.join(unknown)}; expected some of {', '.join(PARAM_NAMES)}"
+        )
+    d = {**asdict(TrainConfig()), **raw}
+    cfg = TrainConfig(
+        beta=_float("beta", d["beta"]),
+        codings_size=_int("codings_size", d["codings_size"]),
+        conv_layers=_int("conv_layers", d["conv_layers"]),
+        start_filter_no=_int("start_filter_no", d["start_filter_no"]),
+        kernel_size=_int("kernel_size", d["kernel_size"]),
+        dilations=parse_dilations(d["dilations"]),
+        final_activation=str(d["final_activation"]).strip().lower(),
+        epochs=_int("epochs", d["epochs"]),
+        earlystop_patience=_int("earlystop_patience", d["earlystop_patience"]),
+        batch_size=_int("batch_size", d["batch_size"]),
+        learning_rate=_float("learning_rate", d["learning_rate"]),
+        seed=_int("seed", d["seed"]),
+        data=str(d["data"]).strip(),
+        signals=str(d["signals"]).strip(),
+        labels=str(d["labels"] or "").strip(),
+        window_size=_int("window_size", d["window_size"]),
+        stride=_int("stride", d["stride"]),
+        split=str(d["split"]).strip().lower(),
+        split_seed=_int("split_seed", d["split_seed"]),
+        healthy_max_vb=_float("healthy_max_vb", d["healthy_max_vb"]),
+        failed_min_vb=_float("failed_min_vb", d["failed_min_vb"]),
+        experiment=str(d["experiment"]).strip(),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every parameter; raise a one-line MillvaeError naming the first bad one."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise MillvaeError(msg)
+
+    need(cfg.beta >= 0, f"beta: expected a number >= 0; got {cfg.beta:g}")
+    need(cfg.codings_size >= 1, f"codings_size: expected >= 1; got {cfg.codings_size}")
+    need(1 <= cfg.conv_layers <= 6, f"conv_layers: expected 1..6; got {cfg.conv_layers}")
+    need(cfg.start_filter_no >= 1, f"start_filter_no: expected >= 1; got {cfg.start_filter_no}")
+    need(cfg.kernel_size >= 1, f"kernel_size: expected >= 1; got {cfg.kernel_size}")
+    need(
+        cfg.final_activation in FINAL_ACTIVATIONS,
+        f"final_activation: expected one of {', '.join(FINAL_ACTIVATIONS)}; "
+        f"got {cfg.final_activation!r}",
+    )
+    need(cfg.epochs >= 1, f"epochs: expected >= 1; got {cfg.epochs}")
+    need(
+        cfg.earlystop_patience >= 0,
+        f"earlystop_patience: expected >= 0; got {cfg.earlystop_patience}",
+    )
+    need(cfg.batch_size >= 1, f"batch_size: expected >= 1; got {cfg.batch_size}")
+    need(cfg.learning_rate > 0, f"learning_rate: expected > 0; got {cfg.learning_rate:g}")
+    need(cfg.seed >= 0, f"seed: expected >= 0; got {cfg.seed}")
+    need(cfg.split_seed >= 0, f"split_seed: expected >= 0; got {cfg.split_seed}")
+    factor = 2**cfg.conv_layers
+    need(
+        cfg.window_size >= factor and cfg.window_size % factor == 0,
+        f"window_size: expected a multiple of 2**conv_layers = {factor}; got {cfg.window_size}",
+    )
+    need(cfg.stride >= 1, f"stride: expected >= 1; got {cfg.stride}")
+    need(
+        cfg.split in SPLITS, f"split: expected one of {', '.join(SPLITS)}; got {cfg.split!r}"
+    )
+    need(
+        0 < cfg.healthy_max_vb <= cfg.failed_min_vb,
+        "healthy_max_vb/failed_min_vb: expected 0 < healthy_max_vb <= failed_min_vb; got "
+        f"{cfg.healthy_max_vb:g} and {cfg.failed_min_vb:g}",
+    )
+    need(bool(cfg.experiment), "experiment: expected a non-empty MLflow experiment name")
+    if cfg.data.lower() not in DATA_KEYWORDS and not os.path.isfile(cfg.data):
+        raise MillvaeError(
+            "data: expected a path to a mill.mat file, 'auto', 'nasa' or 'synthetic'; "
+            f"got {cfg.data!r} (no such file)"
+        )
+    if cfg.labels and not os.path.isfile(cfg.labels):
+        raise MillvaeError(f"labels: expected a CSV file; got {cfg.labels!r} (no such file)")
+    low = cfg.signals.lower()
+    if low not in ("all", "available"):
+        names = [s.strip() for s in cfg.signals.split(",") if s.strip()]
+        unknown = [s for s in names if s not in SIGNAL_NAMES]
+        need(
+            bool(names) and not unknown,
+            f"signals: expected 'all', 'available' or names from {', '.join(SIGNAL_NAMES)}; "
+            f"got {cfg.signals!r}",
+        )

@@ -1,0 +1,158 @@
+"""From a `data` parameter to scaled, split windows: the whole preparation of one run."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from millvae.config import TrainConfig
+from millvae.errors import MillvaeError
+from millvae.mat import MillData, load_mill
+from millvae.prep import (
+    CLASS_NAMES,
+    HEALTHY,
+    MinMaxScaler,
+    cut_windows,
+    interpolate_flank_wear,
+    read_labels,
+    regions_from_labels,
+    split_cases,
+    split_cuts,
+    split_windows,
+    tool_class,
+    window_starts,
+)
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Prepared:
+    """Everything a run trains and scores on. `windows` has one row per window (same order as x)."""
+
+    x: np.ndarray  # scaled windows [n, window, signal], float32
+    windows: pd.DataFrame  # cut_no, case, run, VB, tool_class, DOC, feed, material, start, split
+    scaler: MinMaxScaler
+    signal_names: tuple[str, ...]
+    data_source: str  # "real" | "synthetic"
+    data_path: str
+    data_sha256: str
+    regions_from: str  # "labels" | "detected"
+    dropped: dict[int, str] = field(default_factory=dict)
+    cuts: pd.DataFrame | None = None
+
+    def mask(self, split: str, slim: bool = False) -> np.ndarray:
+        m = (self.windows["split"] == split).to_numpy()
+        if slim:
+            m = m & (self.windows["tool_class"] == HEALTHY).to_numpy()
+        return m
+
+    def get(self, split: str, slim: bool = False) -> np.ndarray:
+        return self.x[self.mask(split, slim)]
+
+    def counts(self) -> dict[str, int]:
+        """Window counts per split and class, e.g. n_train, n_train_slim, n_test_failed."""
+        out: dict[str, int] = {"n_windows": len(self.windows)}
+        for s in SPLIT_NAMES:
+            part = self.windows[self.windows["split"] == s]
+            out[f"n_{s}"] = len(part)
+            out[f"n_{s}_slim"] = int((part["tool_class"] == HEALTHY).sum())
+            for k, name in enumerate(CLASS_NAMES):
+                out[f"n_{s}_{name}"] = int((part["tool_class"] == k).sum())
+            out[f"n_{s}_cuts"] = int(part["cut_no"].nunique())
+            out[f"n_{s}_cases"] = int(part["case"].nunique())
+        return out
+
+
+def prepare_from_mill(mill: MillData, cfg: TrainConfig) -> tuple:
+    """Label cuts, find regions, cut windows and split them (unscaled): pure array work."""
+    cuts = mill.cuts.copy()
+    cuts["VB_filled"] = interpolate_flank_wear(cuts)
+    cuts["tool_class"] = tool_class(cuts["VB_filled"], cfg.healthy_max_vb, cfg.failed_min_vb)
+    if cfg.labels:
+        labels = read_labels(cfg.labels)
+        regions = regions_from_labels(labels, cuts.index.tolist(), mill.n_samples)
+        regions_from = "labels"
+        if "tool_class" in labels.columns:
+            theirs = labels.loc[cuts.index, "tool_class"].to_numpy()
+            differ = cuts.index[theirs != cuts["tool_class"].to_numpy()].tolist()
+            if differ:
+                warnings.warn(
+                    f"labels: tool_class of cuts {differ} differs from the one computed from VB; "
+                    "using the computed class",
+                    stacklevel=2,
+                )
+    else:
+        from millvae.regions import detect_regions
+
+        regions = detect_regions(mill.signals, mill.signal_names, cfg.window_size)
+        regions_from = "detected"
+    cuts["region_start"], cuts["region_end"] = regions[:, 0], regions[:, 1]
+
+    rows, starts = window_starts(regions, cfg.window_size, cfg.stride)
+    if len(rows) == 0:
+        raise MillvaeError(
+            f"window_size: expected windows of {cfg.window_size} samples to fit in the stable "
+            "regions; none does"
+        )
+    raw = cut_windows(mill.signals, rows, starts, cfg.window_size)
+    cut_meta = cuts.iloc[rows]
+    windows = pd.DataFrame(
+        {
+            "cut_no": cut_meta.index.to_numpy(),
+            "case": cut_meta["case"].to_numpy(),
+            "run": cut_meta["run"].to_numpy(),
+            "VB": cut_meta["VB_filled"].to_numpy(),
+            "tool_class": cut_meta["tool_class"].to_numpy(),
+            "DOC": cut_meta["DOC"].to_numpy(),
+            "feed": cut_meta["feed"].to_numpy(),
+            "material": cut_meta["material"].to_numpy(),
+            "start": starts,
+        }
+    )
+    y = windows["tool_class"].to_numpy()
+    if cfg.split == "window":
+        present = np.bincount(y, minlength=3)
+        if (present[present > 0] < 4).any():
+            raise MillvaeError(
+                f"split=window: expected >= 4 windows of every class present; got {present.tolist()}"
+            )
+        windows["split"] = split_windows(y)
+    elif cfg.split == "case":
+        per_cut = split_cases(
+            cuts["case"].to_numpy(), cuts["tool_class"].to_numpy(), cfg.split_seed
+        )
+        windows["split"] = per_cut[rows]
+    else:
+        per_cut = split_cuts(cuts["tool_class"].to_numpy(), cfg.split_seed)
+        windows["split"] = per_cut[rows]
+    return raw, windows, cuts, regions_from
+
+
+def prepare(cfg: TrainConfig, mill: MillData | None = None, data_file=None) -> Prepared:
+    """Resolve the data source, load it and prepare scaled, split windows."""
+    if mill is None:
+        from millvae.sources import resolve_data
+
+        data_file = resolve_data(cfg.data)
+        mill = load_mill(data_file.path, cfg.signals)
+    raw, windows, cuts, regions_from = prepare_from_mill(mill, cfg)
+    train = (windows["split"] == "train").to_numpy()
+    if not (train & (windows["tool_class"] == HEALTHY).to_numpy()).any():
+        raise MillvaeError("split: expected healthy windows in the training split; found none")
+    scaler = MinMaxScaler.fit(raw[train], mill.signal_names, cfg.window_size)
+    return Prepared(
+        x=scaler.transform(raw),
+        windows=windows,
+        scaler=scaler,
+        signal_names=mill.signal_names,
+        data_source="synthetic" if mill.synthetic else "real",
+        data_path=str(data_file.path) if data_file is not None else "",
+        data_sha256=data_file.sha256 if data_file is not None else "",
+        regions_from=regions_from,
+        dropped=dict(mill.dropped),
+        cuts=cuts,
+    )

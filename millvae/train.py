@@ -1,0 +1,292 @@
+"""One β-VAE training = one MLflow run. Shared by the `main` entry point and the search."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import millvae
+from millvae.config import TrainConfig
+from millvae.data import Prepared, prepare
+
+# mlflow's generated run names look like "bold-cat-123"; only those are replaced by ours
+_GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
+EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "rounded_accuracy")
+MIN_DELTA = 0.0002
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    epochs_trained: int
+    best_epoch: int
+    best_val_loss: float
+    training_seconds: float
+    history: pd.DataFrame
+    model: object
+    prepared: Prepared
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of what the logged model needs (saves MLflow's slow inference step)."""
+    names = ["tensorflow", "keras", "keras-tcn", "numpy", "scipy", "pandas", "scikit-learn"]
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n}=={importlib_metadata.version(n)}")
+        except importlib_metadata.PackageNotFoundError:
+            out.append(n)
+    return out
+
+
+@contextmanager
+def tracked_run(cfg: TrainConfig, *, nested: bool = False, tags: dict | None = None) -> Iterator:
+    """Start (or continue, under `mlflow run`) a run; any failure ends it FAILED with the reason.
+
+    Under `mlflow run`, MLFLOW_RUN_ID names a run that already exists and holds the -P values as
+    params; we continue that run rather than creating one.
+    """
+    import mlflow
+
+    existing = os.environ.get("MLFLOW_RUN_ID")
+    if existing and not nested:
+        run = mlflow.start_run(run_id=existing)
+        exp = mlflow.get_experiment(run.info.experiment_id)
+        if exp is not None and exp.name != cfg.experiment:
+            mlflow.set_tag("millvae.experiment_requested", cfg.experiment)
+            print(
+                f"millvae: note: `mlflow run` created this run in experiment {exp.name!r}; "
+                f"pass --experiment-name {cfg.experiment} to `mlflow run` to file it there",
+                file=sys.stderr,
+            )
+    else:
+        exp = mlflow.set_experiment(cfg.experiment)
+        run = mlflow.start_run(
+            experiment_id=exp.experiment_id, run_name=cfg.run_name(), nested=nested, tags=tags
+        )
+    try:
+        if _GENERATED_NAME.match(run.info.run_name or ""):
+            mlflow.set_tag("mlflow.runName", cfg.run_name())
+        yield run
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        try:
+            mlflow.set_tag("millvae.error", f"{type(exc).__name__}: {reason}"[:5000])
+        finally:
+            mlflow.end_run(status=status)
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_params_once(cfg: TrainConfig) -> None:
+    """Log the config as params, skipping keys `mlflow run` already logged (values can't change)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    have = mlflow.get_run(run.info.run_id).data.params
+    todo = {k: v for k, v in cfg.to_params().items() if k not in have}
+    if todo:
+        mlflow.log_params(todo)
+
+
+def _epoch_logger():
+    import keras
+    import mlflow
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        """Per-epoch metrics to MLflow with step=epoch (1-based, as Keras prints them)."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            metrics = {k: float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+            metrics["epoch_seconds"] = time.perf_counter() - self._t0
+            mlflow.log_metrics(metrics, step=epoch + 1)
+
+    return MlflowEpochLogger()
+
+
+def _loss_plot(history: pd.DataFrame, best_epoch: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key in zip(axes, ("loss", "reconstruction_loss", "kl_loss"), strict=True):
+        ax.plot(history["epoch"], history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(history["epoch"], history[f"val_{key}"], label="validation (healthy)")
+        ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch {best_epoch}")
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
+    """Build and train the β-VAE on healthy training windows; early stop on healthy validation."""
+    _quiet_tensorflow()
+    import keras
+
+    from millvae.model import build_vae
+
+    keras.utils.set_random_seed(cfg.seed)
+    x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
+    model = build_vae(
+        window_size=cfg.window_size,
+        n_signals=len(prepared.signal_names),
+        codings_size=cfg.codings_size,
+        conv_layers=cfg.conv_layers,
+        start_filter_no=cfg.start_filter_no,
+        kernel_size=cfg.kernel_size,
+        dilations=cfg.dilations,
+        final_activation=cfg.final_activation,
+        beta=cfg.beta,
+        seed=cfg.seed,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        min_delta=MIN_DELTA,
+        patience=cfg.earlystop_patience,
+        restore_best_weights=True,
+        verbose=0,
+    )
+    validation = (x_val,) if len(x_val) else None
+    if validation is None:
+        from millvae.errors import MillvaeError
+
+        raise MillvaeError("split: expected healthy windows in the validation split; found none")
+    t0 = time.perf_counter()
+    hist = model.fit(
+        x_train,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        validation_data=validation,
+        callbacks=[stopper, *(callbacks or [])],
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - t0
+    history = pd.DataFrame(hist.history)
+    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    for key in history.columns:
+        if key != "epoch" and not np.isfinite(history[key]).all():
+            from millvae.errors import MillvaeError
+
+            bad = int(history.loc[~np.isfinite(history[key]), "epoch"].iloc[0])
+            raise MillvaeError(f"training diverged: {key} is not finite at epoch {bad}")
+    return model, history, seconds
+
+
+def train_run(cfg: TrainConfig, *, prepared: Prepared | None = None, nested: bool = False,
+              tags: dict | None = None, verbose: int = 2) -> TrainResult:
+    """Prepare data (unless given), train and log everything to one MLflow run."""
+    _quiet_tensorflow()
+    import mlflow
+
+    with tracked_run(cfg, nested=nested, tags=tags) as run:
+        log_params_once(cfg)
+        mlflow.set_tag("millvae.version", millvae.__version__)
+        if prepared is None:
+            prepared = prepare(cfg)
+        _log_data(prepared)
+        model, history, seconds = fit(cfg, prepared, [_epoch_logger()], verbose=verbose)
+        best_idx = int(history["val_loss"].idxmin())
+        result = TrainResult(
+            run_id=run.info.run_id,
+            epochs_trained=len(history),
+            best_epoch=best_idx + 1,
+            best_val_loss=float(history["val_loss"].iloc[best_idx]),
+            training_seconds=seconds,
+            history=history,
+            model=model,
+            prepared=prepared,
+        )
+        mlflow.log_metrics(
+            {
+                "epochs_trained": result.epochs_trained,
+                "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss,
+                "training_seconds": seconds,
+                "param_count": int(model.count_params()),
+            }
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            history.to_csv(tmp / "history.csv", index=False)
+            _loss_plot(history, result.best_epoch, tmp / "loss_curves.png")
+            (tmp / "scaler.json").write_text(json.dumps(prepared.scaler.to_dict(), indent=2))
+            mlflow.log_artifact(str(tmp / "history.csv"))
+            mlflow.log_artifact(str(tmp / "loss_curves.png"), "plots")
+            mlflow.log_artifact(str(tmp / "scaler.json"))
+        log_keras_model(model, prepared)
+    return result
+
+
+def _log_data(p: Prepared) -> None:
+    import mlflow
+
+    mlflow.set_tags(
+        {
+            "data_source": p.data_source,
+            "data_sha256": p.data_sha256,
+            "data_path": p.data_path,
+            "signals_used": ",".join(p.signal_names),
+            "regions_from": p.regions_from,
+            "dropped_records": ",".join(map(str, sorted(p.dropped))) or "none",
+        }
+    )
+    if p.data_source == "synthetic":
+        mlflow.set_tag("millvae.synthetic_data", "true: trained on the SYNTHETIC milling simulator")
+    mlflow.log_metrics({k: float(v) for k, v in p.counts().items()})
+
+
+def log_keras_model(model, prepared: Prepared) -> None:
+    """The Keras model with signature, input example and the scaler in its MLmodel metadata."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from millvae.model import CUSTOM_OBJECTS
+
+    example = prepared.get("val")[:2]
+    if len(example) == 0:
+        example = prepared.get("train")[:2]
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
+    mlflow.tensorflow.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        custom_objects=CUSTOM_OBJECTS,
+        code_paths=[str(Path(millvae.__file__).parent)],
+        pip_requirements=pip_requirements(),
+        metadata={
+            "millvae_scaler": prepared.scaler.to_dict(),
+            "data_source": prepared.data_source,
+            "data_sha256": prepared.data_sha256,
+            "input": "min-max scaled windows [n, window_size, n_signals]; see millvae_scaler",
+        },
+    )
