@@ -1,4 +1,4 @@
-"""millvae: tool-wear detection on the UC Berkeley milling data with a TCN β-VAE, tracked in MLflow."""
+"""millvae: tool-wear detection on the UC Berkeley milling data with a TCN β-VAE in MLflow."""
 
 __version__ = "0.1.0"
 

@@ -44,7 +44,7 @@ def _fail_external_run(message: str) -> None:
 
 
 def _install_sigterm() -> None:
-    """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C so the run is ended KILLED, not left RUNNING."""
+    """SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: the run ends KILLED, not RUNNING."""
     import signal
 
     def _raise(signum, frame):

@@ -67,7 +67,8 @@ class TrainConfig:
         """A run name in the seed's model-naming style: the key hyperparameters at a glance."""
         return (
             f"bvae_beta-{self.beta:g}_cod-{self.codings_size}_lay-{self.conv_layers}"
-            f"_fil-{self.start_filter_no}_ker-{self.kernel_size}_dil-{'-'.join(map(str, self.dilations))}"
+            f"_fil-{self.start_filter_no}_ker-{self.kernel_size}"
+            f"_dil-{'-'.join(map(str, self.dilations))}"
             f"_{self.final_activation}"
         )
 
@@ -189,9 +190,7 @@ def validate(cfg: TrainConfig) -> None:
         f"window_size: expected a multiple of 2**conv_layers = {factor}; got {cfg.window_size}",
     )
     need(cfg.stride >= 1, f"stride: expected >= 1; got {cfg.stride}")
-    need(
-        cfg.split in SPLITS, f"split: expected one of {', '.join(SPLITS)}; got {cfg.split!r}"
-    )
+    need(cfg.split in SPLITS, f"split: expected one of {', '.join(SPLITS)}; got {cfg.split!r}")
     need(
         0 < cfg.healthy_max_vb <= cfg.failed_min_vb,
         "healthy_max_vb/failed_min_vb: expected 0 < healthy_max_vb <= failed_min_vb; got "

@@ -118,7 +118,8 @@ def prepare_from_mill(mill: MillData, cfg: TrainConfig) -> tuple:
         present = np.bincount(y, minlength=3)
         if (present[present > 0] < 4).any():
             raise MillvaeError(
-                f"split=window: expected >= 4 windows of every class present; got {present.tolist()}"
+                "split=window: expected >= 4 windows of every class present; "
+                f"got {present.tolist()}"
             )
         windows["split"] = split_windows(y)
     elif cfg.split == "case":

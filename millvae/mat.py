@@ -1,4 +1,4 @@
-"""Read a `mill.mat` (the UC Berkeley milling MATLAB struct) into a cuts table and a signals array."""
+"""Read a `mill.mat` (the UC Berkeley milling MATLAB struct) into a cuts table and signals."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ ABSURD_ABS_VALUE = 100.0
 class MillData:
     """Good cuts of a milling file.
 
-    `cuts` is indexed by `cut_no` (the record's 0-based position in the file) with columns case, run,
-    VB, time, DOC, feed, material; `signals[i]` is the [sample, signal] array of `cuts.iloc[i]`.
+    `cuts` is indexed by `cut_no` (the record's 0-based position in the file) with columns case,
+    run, VB, time, DOC, feed, material; `signals[i]` is the [sample, signal] array of cut i.
     """
 
     cuts: pd.DataFrame
@@ -83,7 +83,9 @@ def load_mill(path: str | Path, signals: str | Sequence[str] | None = None) -> M
         ) from None
     except Exception as exc:  # scipy raises ValueError/TypeError/OSError for non-MAT content
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MillvaeError(f"data: expected a MATLAB .mat file; {path} is not one ({reason})") from None
+        raise MillvaeError(
+            f"data: expected a MATLAB .mat file; {path} is not one ({reason})"
+        ) from None
     if "mill" not in mat:
         keys = [k for k in mat if not k.startswith("__")]
         raise MillvaeError(

@@ -1,4 +1,4 @@
-"""Data preparation as pure functions on arrays: flank wear, tool class, windows, splits, scaling."""
+"""Data preparation as pure functions on arrays: wear, tool class, windows, splits, scaling."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except Exception as exc:
-        raise MillvaeError(f"labels: expected a CSV file; could not parse {path.name} ({exc})") from None
+        raise MillvaeError(
+            f"labels: expected a CSV file; could not parse {path.name} ({exc})"
+        ) from None
     missing = [c for c in LABEL_COLUMNS if c not in df.columns]
     if missing:
         raise MillvaeError(
@@ -84,7 +86,9 @@ def regions_from_labels(labels: pd.DataFrame, cut_nos: Sequence[int], n_samples:
     return reg
 
 
-def window_starts(regions: np.ndarray, window_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+def window_starts(
+    regions: np.ndarray, window_size: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(cut row, start sample) of every window that fits inside each cut's region, in cut order."""
     regions = np.asarray(regions, dtype=np.int64)
     length = regions[:, 1] - regions[:, 0]
@@ -97,7 +101,7 @@ def window_starts(regions: np.ndarray, window_size: int, stride: int) -> tuple[n
 
 
 def cut_windows(signals: np.ndarray, rows: np.ndarray, starts: np.ndarray, window_size: int):
-    """Gather windows [n, window, signal] from signals [cut, sample, signal] without a Python loop."""
+    """Gather windows [n, window, signal] from [cut, sample, signal] without a Python loop."""
     idx = starts[:, None] + np.arange(window_size)[None, :]
     return signals[rows[:, None], idx, :]
 
@@ -173,7 +177,9 @@ def split_cases(cut_case: np.ndarray, cut_class: np.ndarray, split_seed: int) ->
             f"found {len(failing)} ({', '.join(map(str, failing)) or 'none'}); use split=window"
         )
     if len(failing) == len(cases):
-        raise MillvaeError("split=case: expected some tools that never fail to train on; found none")
+        raise MillvaeError(
+            "split=case: expected some tools that never fail to train on; found none"
+        )
     rng = np.random.default_rng(split_seed)
     shuffled = rng.permutation(failing)
     n_val = (len(shuffled) + 1) // 2

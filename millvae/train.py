@@ -201,8 +201,14 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     return model, history, seconds
 
 
-def train_run(cfg: TrainConfig, *, prepared: Prepared | None = None, nested: bool = False,
-              tags: dict | None = None, verbose: int = 2) -> TrainResult:
+def train_run(
+    cfg: TrainConfig,
+    *,
+    prepared: Prepared | None = None,
+    nested: bool = False,
+    tags: dict | None = None,
+    verbose: int = 2,
+) -> TrainResult:
     """Prepare data (unless given), train and log everything to one MLflow run."""
     _quiet_tensorflow()
     import mlflow

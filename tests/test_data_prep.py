@@ -31,7 +31,13 @@ def test_loader_reads_the_real_two_cut_fixture_with_all_six_signals(fixture2):
     for j, name in enumerate(SIGNAL_NAMES):
         np.testing.assert_allclose(mill.signals[1, :, j], raw[1][name].ravel(), rtol=1e-6)
     assert list(mill.cuts.index) == [0, 1]
-    assert mill.cuts.loc[0, ["case", "run", "DOC", "feed", "material"]].tolist() == [1, 1, 1.5, 0.5, 1]
+    assert mill.cuts.loc[0, ["case", "run", "DOC", "feed", "material"]].tolist() == [
+        1,
+        1,
+        1.5,
+        0.5,
+        1,
+    ]
     assert mill.cuts.loc[0, "VB"] == 0 and np.isnan(mill.cuts.loc[1, "VB"])
     assert not mill.synthetic and not mill.dropped
 
@@ -63,7 +69,7 @@ def test_bad_files(tmp_path):
         load_mill(text)
     other = tmp_path / "other.mat"
     scipy.io.savemat(other, {"foo": np.zeros(3)})
-    with pytest.raises(MillvaeError, match="expected a variable 'mill'.*found foo"):
+    with pytest.raises(MillvaeError, match=r"expected a variable 'mill'.*found foo"):
         load_mill(other)
     with pytest.raises(MillvaeError, match="no such file"):
         load_mill(tmp_path / "missing.mat")
@@ -145,7 +151,10 @@ def test_seed_protocol_split_counts_are_exact(real5, labels_csv):
     assert c["n_windows"] == 11570
     for s, (n, h, d, f) in SEED_TABLE.items():
         assert (c[f"n_{s}"], c[f"n_{s}_healthy"], c[f"n_{s}_degraded"], c[f"n_{s}_failed"]) == (
-            n, h, d, f
+            n,
+            h,
+            d,
+            f,
         )
         assert c[f"n_{s}_slim"] == h
     assert len(p.get("train", slim=True)) == 2831
@@ -159,7 +168,10 @@ def test_case_split_keeps_tools_whole_and_spreads_failing_tools(real5, labels_cs
     seen = set()
     for split_seed in range(4):
         cfg = make_config(
-            data=str(real5), signals="available", labels=str(labels_csv), split="case",
+            data=str(real5),
+            signals="available",
+            labels=str(labels_csv),
+            split="case",
             split_seed=split_seed,
         )
         w = prepare(cfg, mill=mill).windows

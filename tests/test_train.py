@@ -1,0 +1,131 @@
+"""Real Keras training logged to a real MLflow sqlite store, in process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import scipy.io
+
+from millvae.config import PARAM_NAMES, make_config
+from millvae.errors import MillvaeError
+from millvae.train import EPOCH_METRICS, train_run
+
+TINY = {
+    "codings_size": 4,
+    "start_filter_no": 8,
+    "dilations": "1,2",
+    "epochs": 3,
+    "earlystop_patience": 10,
+    "batch_size": 256,
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(data, **kw):
+    return make_config(data=str(data), **{**TINY, **kw})
+
+
+def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
+    tracking, synthetic_mat, tmp_path
+):
+    result = train_run(_cfg(synthetic_mat), verbose=0)
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "bvae_beta-1.25_cod-4_lay-1_fil-8_ker-2_dil-1-2_sigmoid"
+    assert client.get_experiment(run.info.experiment_id).name == "millvae"
+    assert set(run.data.params) == set(PARAM_NAMES)
+    assert run.data.params["dilations"] == "1,2" and run.data.params["beta"] == "1.25"
+    for key in EPOCH_METRICS:
+        for name in (key, f"val_{key}"):
+            steps = [m.step for m in client.get_metric_history(result.run_id, name)]
+            assert steps == [1, 2, 3], name
+    m = run.data.metrics
+    assert m["epochs_trained"] == 3 and m["param_count"] > 1000
+    assert m["n_train_slim"] > 0 and m["n_test"] > 0 and m["training_seconds"] > 0
+    assert m["best_val_loss"] == pytest.approx(
+        min(x.value for x in client.get_metric_history(result.run_id, "val_loss"))
+    )
+    tags = run.data.tags
+    assert tags["data_source"] == "synthetic" and len(tags["data_sha256"]) == 64
+    assert tags["signals_used"] == "smcAC,smcDC,vib_table,vib_spindle,AE_table,AE_spindle"
+    arts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"history.csv", "scaler.json", "plots"} <= arts
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == [
+        "plots/loss_curves.png"
+    ]
+    scaler = json.loads(open(client.download_artifacts(result.run_id, "scaler.json")).read())
+    assert scaler["window_size"] == 64 and len(scaler["min"]) == 6
+
+    # the logged model loads in a fresh process and reconstructs exactly like the trained one
+    x = result.prepared.get("test")[:16]
+    np.save(tmp_path / "x.npy", x)
+    want = np.asarray(result.model(x, training=False))
+    code = (
+        "import sys, numpy as np, mlflow\n"
+        f"m = mlflow.tensorflow.load_model('runs:/{result.run_id}/model')\n"
+        f"x = np.load(r'{tmp_path / 'x.npy'}')\n"
+        f"np.save(r'{tmp_path / 'y.npy'}', np.asarray(m(x, training=False)))\n"
+        f"info = mlflow.models.get_model_info('runs:/{result.run_id}/model')\n"
+        "print(info.signature.inputs.to_dict(), info.metadata['data_source'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
+    assert "synthetic" in out.stdout and "(-1, 64, 6)" in out.stdout
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tracking, synthetic_mat):
+    from millvae.data import prepare
+
+    cfg = _cfg(synthetic_mat, epochs=2)
+    prepared = prepare(cfg)
+    a = train_run(cfg, prepared=prepared, verbose=0).history
+    b = train_run(cfg, prepared=prepared, verbose=0).history
+    c = train_run(_cfg(synthetic_mat, epochs=2, seed=7), prepared=prepared, verbose=0).history
+    np.testing.assert_array_equal(a["val_loss"], b["val_loss"])
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+    assert not np.array_equal(a["loss"], c["loss"])
+
+
+def test_a_failure_inside_the_run_marks_it_failed_and_keeps_what_was_logged(tracking, tmp_path):
+    bad = tmp_path / "nomill.mat"
+    scipy.io.savemat(bad, {"other": np.zeros(4)})
+    with pytest.raises(MillvaeError, match="expected a variable 'mill'"):
+        train_run(_cfg(bad), verbose=0)
+    runs = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    assert "expected a variable 'mill'" in run.data.tags["millvae.error"]
+    assert run.data.params["codings_size"] == "4"  # logged before the failure, still there
+
+
+def test_continuing_a_run_whose_params_mlflow_run_logged_differently(
+    tracking, synthetic_mat, monkeypatch
+):
+    """`mlflow run -P beta=1.250` logs '1.250'; re-logging '1.25' would crash the run."""
+    exp = mlflow.set_experiment("millvae")
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp.experiment_id)
+    client.log_param(run.info.run_id, "beta", "1.250")
+    client.log_param(run.info.run_id, "dilations", "[1, 2]")
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = train_run(_cfg(synthetic_mat, epochs=1, beta="1.250", dilations="[1, 2]"), verbose=0)
+    assert result.run_id == run.info.run_id
+    done = client.get_run(run.info.run_id)
+    assert done.info.status == "FINISHED"
+    assert done.data.params["beta"] == "1.250" and done.data.params["codings_size"] == "4"
