@@ -38,7 +38,7 @@ class TrainConfig:
     final_activation: str = _p("sigmoid", "activation of the output layer: sigmoid or selu")
     epochs: int = _p(1000, "epoch cap; early stopping normally ends a run long before")
     earlystop_patience: int = _p(8, "epochs without val-loss improvement before stopping")
-    batch_size: int = _p(256, "training batch size")
+    batch_size: int = _p(1024, "training batch size")
     learning_rate: float = _p(0.001, "Adam learning rate")
     seed: int = _p(31, "random seed of weights, sampling and shuffling")
     data: str = _p("auto", "a mill.mat path, or auto | nasa | synthetic")

@@ -118,7 +118,9 @@ def _epoch_logger():
             self._t0 = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            metrics = {k: float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+            # non-finite values are logged too (MLflow stores inf as the largest float): an early
+            # blow-up of the validation KL is worth seeing, not hiding
+            metrics = {k: float(v) for k, v in (logs or {}).items()}
             metrics["epoch_seconds"] = time.perf_counter() - self._t0
             mlflow.log_metrics(metrics, step=epoch + 1)
 
@@ -131,11 +133,13 @@ def _loss_plot(history: pd.DataFrame, best_epoch: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    finite = history.replace([np.inf, -np.inf], np.nan)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key in zip(axes, ("loss", "reconstruction_loss", "kl_loss"), strict=True):
-        ax.plot(history["epoch"], history[key], label="train")
-        if f"val_{key}" in history:
-            ax.plot(history["epoch"], history[f"val_{key}"], label="validation (healthy)")
+        ax.plot(finite["epoch"], finite[key], label="train")
+        if f"val_{key}" in finite:
+            ax.plot(finite["epoch"], finite[f"val_{key}"], label="validation (healthy)")
+        ax.set_yscale("log")  # the first epochs' validation values can be orders larger
         ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch {best_epoch}")
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("epoch")
@@ -192,12 +196,17 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     seconds = time.perf_counter() - t0
     history = pd.DataFrame(hist.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    for key in history.columns:
-        if key != "epoch" and not np.isfinite(history[key]).all():
-            from millvae.errors import MillvaeError
+    # Validation metrics may be inf in the first epochs (BatchNorm's moving statistics have barely
+    # moved after a few large batches); only a non-finite training loss or best val loss is fatal.
+    from millvae.errors import MillvaeError
 
-            bad = int(history.loc[~np.isfinite(history[key]), "epoch"].iloc[0])
-            raise MillvaeError(f"training diverged: {key} is not finite at epoch {bad}")
+    if not np.isfinite(history["loss"]).all():
+        bad = int(history.loc[~np.isfinite(history["loss"]), "epoch"].iloc[0])
+        raise MillvaeError(f"training diverged: loss is not finite at epoch {bad}")
+    if not np.isfinite(history["val_loss"]).any():
+        raise MillvaeError("training diverged: val_loss was never finite")
+    # the epoch whose weights EarlyStopping restored (gains below min_delta do not count)
+    history.attrs["best_epoch"] = int(stopper.best_epoch) + 1
     return model, history, seconds
 
 
@@ -220,7 +229,7 @@ def train_run(
             prepared = prepare(cfg)
         _log_data(prepared)
         model, history, seconds = fit(cfg, prepared, [_epoch_logger()], verbose=verbose)
-        best_idx = int(history["val_loss"].idxmin())
+        best_idx = history.attrs["best_epoch"] - 1
         result = TrainResult(
             run_id=run.info.run_id,
             epochs_trained=len(history),

@@ -68,6 +68,10 @@ def tracking(tmp_path, monkeypatch) -> str:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID; a stale one from an earlier test's store
+    # would leak into this test's subprocesses
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     with warnings.catch_warnings():
@@ -76,3 +80,7 @@ def tracking(tmp_path, monkeypatch) -> str:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 def _mlflow_run(tmp_path, *params: str, experiment: str = "millvae"):
     env = os.environ.copy()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
     cmd = [
         sys.executable,
         "-m",

@@ -1,0 +1,287 @@
+"""The seed's β-VAE (Hahn & Mechefske 2021) as a Keras 3 model with keras-tcn TCN blocks.
+
+Architecture, per the seed notebook's `model_fit` (`milling-tool-wear-beta-vae.ipynb`, cell 3.1):
+
+    encoder  x[window, signals]
+             → conv_layers × [TCN(filters, kernel, dilations, causal, skip, selu, he_normal)
+                               → BatchNormalization → MaxPool1D(2)]
+             → Flatten → Dense(codings) mean, Dense(codings) log-variance
+    decoder  z[codings] → Dense(filters · window / 2**conv_layers, selu)
+             → Reshape(window / 2**conv_layers, filters)
+             → conv_layers × [UpSampling1D(2) → BatchNormalization → TCN(same settings)]
+             → Conv1D(signals, kernel, padding='same', activation=final_activation)
+
+Every TCN uses the same filter count (`start_filter_no`); one stack, no dropout, no norm inside.
+The window must be divisible by ``2**conv_layers`` (checked by the caller, not here).
+
+Loss per batch, as in the seed (Keras `binary_crossentropy` plus an `add_loss` term):
+
+    loss = mean BCE(x, x̂) over batch, time and signals
+           + β · mean_batch(KL) / (window_size · n_signals)
+    KL   = −½ Σ_codings (1 + log σ² − σ² − μ²)
+
+`kl_loss` reports mean_batch(KL) itself (nats per window, unweighted), so
+``loss == reconstruction_loss + beta * kl_loss / (window_size * n_signals)``.
+Training and evaluation (hence `val_loss`) decode a sampled coding, as the seed did;
+`call`/`predict` decode the mean, so scores and served predictions are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+from tcn import TCN
+
+__all__ = ["CUSTOM_OBJECTS", "BetaVAE", "build_vae"]
+
+_PACKAGE = "millvae"
+
+
+def _tcn(
+    filters: int, kernel_size: int, dilations: Sequence[int], name: str
+) -> TCN:  # one TCN block with the seed's fixed settings
+    return TCN(
+        nb_filters=filters,
+        kernel_size=kernel_size,
+        nb_stacks=1,
+        dilations=list(dilations),
+        padding="causal",
+        use_skip_connections=True,
+        dropout_rate=0.0,
+        return_sequences=True,
+        activation="selu",
+        kernel_initializer="he_normal",
+        use_batch_norm=False,
+        use_layer_norm=False,
+        name=name,
+    )
+
+
+# Every layer gets an explicit name: weights in a .keras file are matched by name, and
+# auto-generated names depend on what else the loading process has built before.
+def _build_encoder(
+    window_size: int,
+    n_signals: int,
+    codings_size: int,
+    conv_layers: int,
+    filters: int,
+    kernel_size: int,
+    dilations: Sequence[int],
+) -> keras.Model:
+    inputs = keras.Input(shape=(window_size, n_signals), name="window")
+    z = inputs
+    for i in range(conv_layers):
+        z = _tcn(filters, kernel_size, dilations, name=f"encoder_tcn_{i}")(z)
+        z = keras.layers.BatchNormalization(name=f"encoder_batch_norm_{i}")(z)
+        z = keras.layers.MaxPool1D(pool_size=2, name=f"encoder_max_pool_{i}")(z)
+    z = keras.layers.Flatten(name="encoder_flatten")(z)
+    mean = keras.layers.Dense(codings_size, name="codings_mean")(z)
+    log_var = keras.layers.Dense(codings_size, name="codings_log_var")(z)
+    return keras.Model(inputs, [mean, log_var], name="encoder")
+
+
+def _build_decoder(
+    window_size: int,
+    n_signals: int,
+    codings_size: int,
+    conv_layers: int,
+    filters: int,
+    kernel_size: int,
+    dilations: Sequence[int],
+    final_activation: str,
+) -> keras.Model:
+    steps = window_size // 2**conv_layers
+    codings = keras.Input(shape=(codings_size,), name="codings")
+    x = keras.layers.Dense(filters * steps, activation="selu", name="decoder_dense")(codings)
+    x = keras.layers.Reshape((steps, filters), name="decoder_reshape")(x)
+    for i in range(conv_layers):
+        x = keras.layers.UpSampling1D(size=2, name=f"decoder_up_sampling_{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"decoder_batch_norm_{i}")(x)
+        x = _tcn(filters, kernel_size, dilations, name=f"decoder_tcn_{i}")(x)
+    outputs = keras.layers.Conv1D(
+        n_signals,
+        kernel_size=kernel_size,
+        padding="same",
+        activation=final_activation,
+        name="reconstruction",
+    )(x)
+    return keras.Model(codings, outputs, name="decoder")
+
+
+def _x_only(data: Any) -> Any:
+    """The windows of a batch: fit/evaluate may hand x alone, (x,), or (x, y[, w])."""
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    return x
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class BetaVAE(keras.Model):
+    """TCN β-VAE: `encoder` maps windows to (mean, log_var), `decoder` maps codings back.
+
+    Compile with an optimizer only (``model.compile(optimizer=keras.optimizers.Adam(1e-3))``)
+    and fit on x alone; `fit` reports loss, reconstruction_loss, kl_loss and rounded_accuracy.
+    Use `build_vae` to create one: it seeds the initial weights.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_size: int,
+        n_signals: int,
+        codings_size: int,
+        conv_layers: int,
+        start_filter_no: int,
+        kernel_size: int,
+        dilations: Sequence[int],
+        final_activation: str,
+        beta: float,
+        seed: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.window_size = int(window_size)
+        self.n_signals = int(n_signals)
+        self.codings_size = int(codings_size)
+        self.conv_layers = int(conv_layers)
+        self.start_filter_no = int(start_filter_no)
+        self.kernel_size = int(kernel_size)
+        self.dilations = [int(d) for d in dilations]
+        self.final_activation = str(final_activation)
+        self.beta = float(beta)
+        self.seed = int(seed)
+        shape = (self.window_size, self.n_signals, self.codings_size, self.conv_layers)
+        blocks = (self.start_filter_no, self.kernel_size, self.dilations)
+        self.encoder = _build_encoder(*shape, *blocks)
+        self.decoder = _build_decoder(*shape, *blocks, self.final_activation)
+        # A tracked generator: sampling noise is reproducible, and its state is saved.
+        self.noise = keras.random.SeedGenerator(self.seed)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_tracker = keras.metrics.Mean(name="kl_loss")
+        self.accuracy_tracker = keras.metrics.Mean(name="rounded_accuracy")
+        self.build((None, self.window_size, self.n_signals))
+
+    def build(self, input_shape: Any) -> None:
+        # The sub-models are functional and built at construction; nothing left to create.
+        self.built = True
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        # Listed here so Keras resets them at the start of every epoch.
+        return [
+            self.loss_tracker,
+            self.reconstruction_tracker,
+            self.kl_tracker,
+            self.accuracy_tracker,
+        ]
+
+    def call(self, x: Any, training: bool | None = False) -> Any:
+        """Reconstruction; decodes the mean coding unless training (then a sampled one)."""
+        mean, log_var = self.encoder(x, training=training)
+        codings = self._sample(mean, log_var) if training else mean
+        return self.decoder(codings, training=training)
+
+    def encode(self, x: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and log-variance codings of windows x[n, window, signals], predicted in batches."""
+        mean, log_var = self.encoder.predict(x, batch_size=batch_size, verbose=0)
+        return np.asarray(mean), np.asarray(log_var)
+
+    def _sample(self, mean: Any, log_var: Any) -> Any:
+        noise = keras.random.normal(ops.shape(mean), dtype=mean.dtype, seed=self.noise)
+        return mean + ops.exp(0.5 * log_var) * noise
+
+    def _loss_terms(self, x: Any, training: bool) -> tuple[Any, Any, Any, Any]:
+        """Total loss, reconstruction BCE, mean KL per window, reconstruction (sampled coding)."""
+        mean, log_var = self.encoder(x, training=training)
+        reconstruction = self.decoder(self._sample(mean, log_var), training=training)
+        # As in the seed's Keras 2: a traced sigmoid output is scored on its logits; any other
+        # output (SELU) is clipped to [ε, 1−ε] first. Targets outside [0, 1] are allowed.
+        reconstruction_loss = ops.mean(keras.losses.binary_crossentropy(x, reconstruction))
+        kl = -0.5 * ops.sum(1.0 + log_var - ops.exp(log_var) - ops.square(mean), axis=-1)
+        kl_loss = ops.mean(kl)
+        loss = reconstruction_loss + self.beta * kl_loss / (self.window_size * self.n_signals)
+        return loss, reconstruction_loss, kl_loss, reconstruction
+
+    def _update_metrics(self, x: Any, losses: tuple[Any, Any, Any, Any]) -> dict[str, Any]:
+        loss, reconstruction_loss, kl_loss, reconstruction = losses
+        # Weighted by batch size so an epoch's value is the per-window mean.
+        batch = ops.cast(ops.shape(x)[0], "float32")
+        self.loss_tracker.update_state(loss, sample_weight=batch)
+        self.reconstruction_tracker.update_state(reconstruction_loss, sample_weight=batch)
+        self.kl_tracker.update_state(kl_loss, sample_weight=batch)
+        accuracy = keras.metrics.binary_accuracy(ops.round(x), ops.round(reconstruction))
+        self.accuracy_tracker.update_state(accuracy)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x = ops.convert_to_tensor(_x_only(data), dtype=self.compute_dtype)
+        with tf.GradientTape() as tape:
+            losses = self._loss_terms(x, training=True)
+        gradients = tape.gradient(losses[0], self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights, strict=True))
+        return self._update_metrics(x, losses)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        x = ops.convert_to_tensor(_x_only(data), dtype=self.compute_dtype)
+        return self._update_metrics(x, self._loss_terms(x, training=False))
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            window_size=self.window_size,
+            n_signals=self.n_signals,
+            codings_size=self.codings_size,
+            conv_layers=self.conv_layers,
+            start_filter_no=self.start_filter_no,
+            kernel_size=self.kernel_size,
+            dilations=list(self.dilations),
+            final_activation=self.final_activation,
+            beta=self.beta,
+            seed=self.seed,
+        )
+        return config
+
+
+def build_vae(
+    *,
+    window_size: int,
+    n_signals: int,
+    codings_size: int,
+    conv_layers: int,
+    start_filter_no: int,
+    kernel_size: int,
+    dilations: Sequence[int],
+    final_activation: str,
+    beta: float,
+    seed: int,
+) -> BetaVAE:
+    """A freshly initialised β-VAE; ``window_size`` must be divisible by ``2**conv_layers``.
+
+    Reseeds Python, NumPy and TensorFlow (`keras.utils.set_random_seed(seed)`), as the seed's
+    `model_fit` did, so the same arguments give the same initial weights and, on CPU, the same
+    training run.
+    """
+    keras.utils.set_random_seed(seed)
+    return BetaVAE(
+        window_size=window_size,
+        n_signals=n_signals,
+        codings_size=codings_size,
+        conv_layers=conv_layers,
+        start_filter_no=start_filter_no,
+        kernel_size=kernel_size,
+        dilations=dilations,
+        final_activation=final_activation,
+        beta=beta,
+        seed=seed,
+    )
+
+
+# For `keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)`. Importing this module
+# registers both classes already (keras-tcn registers TCN as "Custom>TCN"), so plain
+# `load_model` works too; the dict is for callers that prefer to be explicit.
+CUSTOM_OBJECTS: dict[str, type] = {"BetaVAE": BetaVAE, "TCN": TCN}

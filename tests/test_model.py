@@ -1,0 +1,254 @@
+"""The TCN β-VAE: shapes, the loss formula, training, seeding and the .keras round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from millvae.model import CUSTOM_OBJECTS, BetaVAE, build_vae
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = dict(
+    window_size=32,
+    n_signals=3,
+    codings_size=4,
+    conv_layers=2,
+    start_filter_no=8,
+    kernel_size=3,
+    dilations=[1, 2],
+    final_activation="sigmoid",
+    beta=2.0,
+    seed=7,
+)
+
+
+def sinusoid_windows(n: int, window_size: int, n_signals: int, seed: int) -> np.ndarray:
+    """Windows of sinusoids in [0, 1]: random frequency, phase and amplitude per signal."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(window_size)[None, :, None]
+    freq = rng.uniform(0.02, 0.15, size=(n, 1, n_signals))
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, n_signals))
+    amplitude = rng.uniform(0.1, 0.45, size=(n, 1, n_signals))
+    return (0.5 + amplitude * np.sin(2 * np.pi * freq * t + phase)).astype("float32")
+
+
+def compiled(**overrides) -> BetaVAE:
+    model = build_vae(**{**SMALL, **overrides})
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("conv_layers", "dilations", "kernel_size", "final_activation", "window_size"),
+    [
+        (1, [1, 2], 2, "sigmoid", 64),
+        (1, [1, 2, 4, 8], 5, "selu", 64),
+        (2, [1, 2, 4], 3, "sigmoid", 64),
+        (2, [1, 2], 8, "selu", 32),
+        (3, [1, 2, 4, 8], 2, "selu", 64),
+        (3, [1, 2, 4], 4, "sigmoid", 48),
+    ],
+)
+def test_shapes_of_reconstruction_codings_and_decoder(
+    conv_layers, dilations, kernel_size, final_activation, window_size
+):
+    n_signals, codings_size = 5, 6
+    model = build_vae(
+        window_size=window_size,
+        n_signals=n_signals,
+        codings_size=codings_size,
+        conv_layers=conv_layers,
+        start_filter_no=8,
+        kernel_size=kernel_size,
+        dilations=dilations,
+        final_activation=final_activation,
+        beta=1.0,
+        seed=1,
+    )
+    x = sinusoid_windows(7, window_size, n_signals, seed=0)
+
+    reconstruction = model.predict(x, verbose=0)
+    mean, log_var = model.encode(x)
+    decoded = model.decoder.predict(mean, verbose=0)
+
+    assert reconstruction.shape == (7, window_size, n_signals)
+    assert mean.shape == log_var.shape == (7, codings_size)
+    assert decoded.shape == (7, window_size, n_signals)
+    assert model.decoder.get_layer("decoder_dense").units == 8 * window_size // 2**conv_layers
+    if final_activation == "sigmoid":
+        assert reconstruction.min() >= 0.0 and reconstruction.max() <= 1.0
+    else:
+        assert reconstruction.min() >= -1.7581  # SELU's lower bound, −λα
+
+
+def test_call_decodes_the_mean_coding_deterministically():
+    model = build_vae(**SMALL)
+    x = sinusoid_windows(20, 32, 3, seed=1)
+
+    first = model.predict(x, verbose=0)
+    mean, _ = model.encode(x)
+
+    np.testing.assert_array_equal(first, model.predict(x, verbose=0))
+    np.testing.assert_allclose(first, model.decoder.predict(mean, verbose=0), atol=1e-6)
+
+
+def test_loss_components_follow_the_formula():
+    # Pin the log-variance at −30 (σ ≈ 3e-7): the sampled coding is then the mean to float
+    # precision, so the reconstruction term can be checked against predict(). Shrink the output
+    # kernel too: an untrained sigmoid saturates, and Keras then scores the logits, not p.
+    model = compiled(beta=3.0)
+    log_var_layer = model.encoder.get_layer("codings_log_var")
+    kernel, bias = log_var_layer.get_weights()
+    log_var_layer.set_weights([np.zeros_like(kernel), np.full_like(bias, -30.0)])
+    output_layer = model.decoder.get_layer("reconstruction")
+    kernel, bias = output_layer.get_weights()
+    output_layer.set_weights([kernel * 0.05, bias])
+    x = sinusoid_windows(50, 32, 3, seed=2)
+
+    result = model.evaluate(x, batch_size=50, verbose=0, return_dict=True)
+    mean, log_var = model.encode(x)
+    p = model.predict(x, verbose=0).astype("float64")
+
+    kl = -0.5 * np.sum(1 + log_var - np.exp(log_var) - mean**2, axis=-1)
+    bce = -np.mean(x * np.log(p) + (1 - x) * np.log(1 - p))
+    accuracy = np.mean(np.round(x) == (np.round(p) > 0.5))
+    np.testing.assert_allclose(log_var, -30.0)
+    assert 0.01 < p.min() and p.max() < 0.99
+    assert result["kl_loss"] == pytest.approx(kl.mean(), rel=1e-4)
+    assert result["reconstruction_loss"] == pytest.approx(bce, rel=1e-4)
+    assert result["rounded_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    expected_loss = bce + 3.0 * kl.mean() / (32 * 3)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_training_on_sinusoids_lowers_the_loss():
+    model = compiled()
+    x = sinusoid_windows(384, 32, 3, seed=3)
+    error_before = np.mean((model.predict(x, verbose=0) - x) ** 2)
+
+    history = model.fit(x, epochs=5, batch_size=32, verbose=0).history
+
+    error_after = np.mean((model.predict(x, verbose=0) - x) ** 2)
+    assert set(history) == {"loss", "reconstruction_loss", "kl_loss", "rounded_accuracy"}
+    assert history["loss"][-1] < 0.8 * history["loss"][0]
+    assert history["reconstruction_loss"][-1] < history["reconstruction_loss"][0]
+    assert error_after < 0.5 * error_before
+
+
+def test_fit_takes_datasets_validation_and_early_stopping():
+    model = compiled()
+    x = sinusoid_windows(96, 32, 3, seed=4)
+    train = tf.data.Dataset.from_tensor_slices(x[:64]).batch(16)
+    validation = tf.data.Dataset.from_tensor_slices(x[64:]).batch(16)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+
+    history = model.fit(train, epochs=2, validation_data=validation, callbacks=[stop], verbose=0)
+
+    expected = {"loss", "reconstruction_loss", "kl_loss", "rounded_accuracy"}
+    assert set(history.history) == expected | {f"val_{k}" for k in expected}
+    assert all(np.isfinite(v).all() for v in history.history.values())
+
+
+def test_same_seed_same_weights_and_same_training_run():
+    x = sinusoid_windows(64, 32, 3, seed=5)
+
+    def run(seed: int) -> tuple[list[np.ndarray], dict]:
+        model = compiled(seed=seed)
+        weights = model.get_weights()
+        history = model.fit(x, epochs=2, batch_size=16, validation_data=(x[:16],), verbose=0)
+        return weights, history.history
+
+    weights_a, history_a = run(11)
+    weights_b, history_b = run(11)
+    weights_c = build_vae(**{**SMALL, "seed": 12}).get_weights()
+
+    assert all(np.array_equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
+    assert history_a == history_b
+    assert not all(np.array_equal(a, c) for a, c in zip(weights_a, weights_c, strict=True))
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import keras
+    import millvae.model
+    from millvae.model import build_vae
+
+    saved, windows, out = sys.argv[1:4]
+    model = keras.models.load_model(saved)
+    x = np.load(windows)
+    np.save(out + "/loaded_predictions.npy", model.predict(x, verbose=0))
+    mean, log_var = model.encode(x)
+    np.save(out + "/loaded_mean.npy", mean)
+
+    fresh = build_vae(**json.loads(sys.argv[4]))
+    fresh.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = fresh.fit(x, epochs=2, batch_size=16, verbose=0).history
+    with open(out + "/history.json", "w") as f:
+        json.dump({"type": type(model).__name__, "beta": model.beta, "history": history}, f)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def saved_and_reloaded(tmp_path_factory):
+    """Fit and save here; then load it, and repeat the fit, in a fresh Python process."""
+    folder = tmp_path_factory.mktemp("round_trip")
+    config = {**SMALL, "final_activation": "selu", "seed": 21}
+    x = sinusoid_windows(48, 32, 3, seed=6)
+    model = build_vae(**config)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(x, epochs=2, batch_size=16, verbose=0).history
+    model.save(folder / "vae.keras")
+    np.save(folder / "x.npy", x)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [str(folder / "vae.keras"), str(folder / "x.npy"), str(folder), json.dumps(config)]
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, *args],
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = json.loads((folder / "history.json").read_text())
+    return model, x, history, folder, other
+
+
+def test_saved_model_predicts_the_same_in_a_fresh_process(saved_and_reloaded):
+    model, x, _, folder, other = saved_and_reloaded
+
+    assert other["type"] == "BetaVAE" and other["beta"] == 2.0
+    np.testing.assert_array_equal(
+        np.load(folder / "loaded_predictions.npy"), model.predict(x, verbose=0)
+    )
+    np.testing.assert_array_equal(np.load(folder / "loaded_mean.npy"), model.encode(x)[0])
+
+
+def test_seeded_training_is_identical_in_another_process(saved_and_reloaded):
+    _, _, history, _, other = saved_and_reloaded
+
+    assert other["history"] == history
+
+
+def test_custom_objects_load_and_training_resumes(saved_and_reloaded):
+    model, x, _, folder, _ = saved_and_reloaded
+
+    loaded = keras.models.load_model(folder / "vae.keras", custom_objects=CUSTOM_OBJECTS)
+    resumed = loaded.fit(x, epochs=1, batch_size=16, verbose=0).history
+
+    assert loaded.get_config() == model.get_config()
+    assert np.isfinite(resumed["loss"][0])
