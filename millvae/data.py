@@ -42,7 +42,7 @@ class Prepared:
     data_sha256: str
     regions_from: str  # "labels" | "detected"
     dropped: dict[int, str] = field(default_factory=dict)
-    cuts: pd.DataFrame | None = None
+    cuts: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def mask(self, split: str, slim: bool = False) -> np.ndarray:
         m = (self.windows["split"] == split).to_numpy()
@@ -55,7 +55,9 @@ class Prepared:
 
     def counts(self) -> dict[str, int]:
         """Window counts per split and class, e.g. n_train, n_train_slim, n_test_failed."""
-        out: dict[str, int] = {"n_windows": len(self.windows)}
+        out: dict[str, int] = {"n_windows": len(self.windows), "n_cuts": len(self.cuts)}
+        if self.cuts is not None and "region_signal" in self.cuts:
+            out["n_regions_central_fallback"] = int((self.cuts["region_signal"] == "central").sum())
         for s in SPLIT_NAMES:
             part = self.windows[self.windows["split"] == s]
             out[f"n_{s}"] = len(part)
@@ -86,10 +88,19 @@ def prepare_from_mill(mill: MillData, cfg: TrainConfig) -> tuple:
                     stacklevel=2,
                 )
     else:
-        from millvae.regions import detect_regions
+        from millvae.regions import detect_regions_with_sources
 
-        regions = detect_regions(mill.signals, mill.signal_names, cfg.window_size)
+        regions, deciders = detect_regions_with_sources(
+            mill.signals, mill.signal_names, cfg.window_size
+        )
         regions_from = "detected"
+        cuts["region_signal"] = deciders
+        central = cuts.index[deciders == "central"].tolist()
+        if central:
+            warnings.warn(
+                f"no clear cutting phase found in cuts {central}; using the central half of each",
+                stacklevel=2,
+            )
     cuts["region_start"], cuts["region_end"] = regions[:, 0], regions[:, 1]
 
     rows, starts = window_starts(regions, cfg.window_size, cfg.stride)

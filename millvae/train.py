@@ -254,11 +254,24 @@ def train_run(
             history.to_csv(tmp / "history.csv", index=False)
             _loss_plot(history, result.best_epoch, tmp / "loss_curves.png")
             (tmp / "scaler.json").write_text(json.dumps(prepared.scaler.to_dict(), indent=2))
+            cuts_table(prepared).to_csv(tmp / "cuts.csv")
+            mlflow.log_artifact(str(tmp / "cuts.csv"), "data")
             mlflow.log_artifact(str(tmp / "history.csv"))
             mlflow.log_artifact(str(tmp / "loss_curves.png"), "plots")
             mlflow.log_artifact(str(tmp / "scaler.json"))
         log_keras_model(model, prepared)
     return result
+
+
+def cuts_table(p: Prepared) -> pd.DataFrame:
+    """One row per cut: labels, region, windows per split ("mixed" cuts leak under split=window)."""
+    per_split = p.windows.groupby(["cut_no", "split"]).size().unstack(fill_value=0)
+    table = p.cuts.join(per_split.add_prefix("windows_"), how="left")
+    splits = p.windows.groupby("cut_no")["split"].agg(
+        lambda s: s.iloc[0] if s.nunique() == 1 else "mixed"
+    )
+    table["split"] = splits
+    return table
 
 
 def _log_data(p: Prepared) -> None:

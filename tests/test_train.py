@@ -9,6 +9,7 @@ import sys
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 
@@ -57,7 +58,9 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
     assert tags["data_source"] == "synthetic" and len(tags["data_sha256"]) == 64
     assert tags["signals_used"] == "smcAC,smcDC,vib_table,vib_spindle,AE_table,AE_spindle"
     arts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"history.csv", "scaler.json", "plots"} <= arts
+    assert {"history.csv", "scaler.json", "plots", "data"} <= arts
+    cuts = pd.read_csv(client.download_artifacts(result.run_id, "data/cuts.csv"))
+    assert len(cuts) == m["n_cuts"] and set(cuts["split"]) <= {"train", "val", "test", "mixed"}
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == [
         "plots/loss_curves.png"
     ]
