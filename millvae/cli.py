@@ -72,11 +72,13 @@ def train_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "download": None}
+    commands = {"train": None, "download": None, "baseline": None, "register": None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: millvae {train,download} [options]\n"
+            "usage: millvae {train,baseline,register,download} [options]\n"
             "  train     train one β-VAE as one MLflow run (`millvae train --help`)\n"
+            "  baseline  PCA and Isolation Forest detectors on the same data and metrics\n"
+            "  register  register the best run's detector in the Model Registry\n"
             "  download  fetch the NASA milling data into the cache",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
@@ -88,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             from millvae.sources import main as download_main
 
             return int(download_main(argv[1:]) or 0)
+        if argv[0] == "baseline":
+            from millvae.baseline import main as baseline_main
+
+            return baseline_main(argv[1:])
+        if argv[0] == "register":
+            from millvae.register import main as register_main
+
+            return int(register_main(argv[1:]) or 0)
         return train_main(argv[1:])
     except MillvaeError as exc:
         msg = str(exc)

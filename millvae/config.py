@@ -19,6 +19,8 @@ from millvae.errors import MillvaeError
 FINAL_ACTIVATIONS = ("sigmoid", "selu")
 DATA_KEYWORDS = ("auto", "nasa", "synthetic")
 SPLITS = ("window", "case", "cut")
+POSITIVES = ("failed", "worn")
+THRESHOLD_METHODS = ("f1", "percentile")
 
 
 def _p(default: Any, help: str) -> Any:
@@ -50,6 +52,11 @@ class TrainConfig:
     split_seed: int = _p(0, "seed of the case/cut splits (split=window uses the seed's 15/10)")
     healthy_max_vb: float = _p(0.2, "flank wear (mm) below which a tool is healthy")
     failed_min_vb: float = _p(0.7, "flank wear (mm) from which a tool is failed")
+    positive: str = _p("failed", "positive class of the detection metrics: failed | worn")
+    threshold_method: str = _p("f1", "threshold chosen on validation: f1 | percentile")
+    threshold_percentile: float = _p(99.0, "percentile of healthy validation scores (percentile)")
+    score_samples: int = _p(0, "0: decode the mean coding; K: average K sampled reconstructions")
+    bootstrap: int = _p(1000, "bootstrap resamples (over cuts) of the test AP interval; 0 = none")
     experiment: str = _p("millvae", "MLflow experiment name")
 
     @property
@@ -152,6 +159,11 @@ def make_config(**raw: Any) -> TrainConfig:
         split_seed=_int("split_seed", d["split_seed"]),
         healthy_max_vb=_float("healthy_max_vb", d["healthy_max_vb"]),
         failed_min_vb=_float("failed_min_vb", d["failed_min_vb"]),
+        positive=str(d["positive"]).strip().lower(),
+        threshold_method=str(d["threshold_method"]).strip().lower(),
+        threshold_percentile=_float("threshold_percentile", d["threshold_percentile"]),
+        score_samples=_int("score_samples", d["score_samples"]),
+        bootstrap=_int("bootstrap", d["bootstrap"]),
         experiment=str(d["experiment"]).strip(),
     )
     validate(cfg)
@@ -196,6 +208,21 @@ def validate(cfg: TrainConfig) -> None:
         "healthy_max_vb/failed_min_vb: expected 0 < healthy_max_vb <= failed_min_vb; got "
         f"{cfg.healthy_max_vb:g} and {cfg.failed_min_vb:g}",
     )
+    need(
+        cfg.positive in POSITIVES,
+        f"positive: expected one of {', '.join(POSITIVES)}; got {cfg.positive!r}",
+    )
+    need(
+        cfg.threshold_method in THRESHOLD_METHODS,
+        f"threshold_method: expected one of {', '.join(THRESHOLD_METHODS)}; "
+        f"got {cfg.threshold_method!r}",
+    )
+    need(
+        0 < cfg.threshold_percentile < 100,
+        f"threshold_percentile: expected 0 < p < 100; got {cfg.threshold_percentile:g}",
+    )
+    need(cfg.score_samples >= 0, f"score_samples: expected >= 0; got {cfg.score_samples}")
+    need(cfg.bootstrap >= 0, f"bootstrap: expected >= 0; got {cfg.bootstrap}")
     need(bool(cfg.experiment), "experiment: expected a non-empty MLflow experiment name")
     if cfg.data.lower() not in DATA_KEYWORDS and not os.path.isfile(cfg.data):
         raise MillvaeError(

@@ -131,6 +131,11 @@ class MinMaxScaler:
         span = np.where(span > 0, span, 1.0).astype(np.float32)
         return ((windows - self.min) / span).astype(np.float32, copy=False)
 
+    def inverse_transform(self, scaled: np.ndarray) -> np.ndarray:
+        span = self.max - self.min
+        span = np.where(span > 0, span, 1.0).astype(np.float32)
+        return (np.asarray(scaled, dtype=np.float32) * span + self.min).astype(np.float32)
+
     def to_dict(self) -> dict:
         return {
             "signal_names": list(self.signal_names),

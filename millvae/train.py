@@ -37,6 +37,7 @@ class TrainResult:
     history: pd.DataFrame
     model: object
     prepared: Prepared
+    evaluation: object = None
 
 
 def _quiet_tensorflow() -> None:
@@ -56,7 +57,9 @@ def pip_requirements() -> list[str]:
 
 
 @contextmanager
-def tracked_run(cfg: TrainConfig, *, nested: bool = False, tags: dict | None = None) -> Iterator:
+def tracked_run(
+    cfg: TrainConfig, *, nested: bool = False, tags: dict | None = None, run_name: str | None = None
+) -> Iterator:
     """Start (or continue, under `mlflow run`) a run; any failure ends it FAILED with the reason.
 
     Under `mlflow run`, MLFLOW_RUN_ID names a run that already exists and holds the -P values as
@@ -64,6 +67,7 @@ def tracked_run(cfg: TrainConfig, *, nested: bool = False, tags: dict | None = N
     """
     import mlflow
 
+    run_name = run_name or cfg.run_name()
     existing = os.environ.get("MLFLOW_RUN_ID")
     if existing and not nested:
         run = mlflow.start_run(run_id=existing)
@@ -78,11 +82,11 @@ def tracked_run(cfg: TrainConfig, *, nested: bool = False, tags: dict | None = N
     else:
         exp = mlflow.set_experiment(cfg.experiment)
         run = mlflow.start_run(
-            experiment_id=exp.experiment_id, run_name=cfg.run_name(), nested=nested, tags=tags
+            experiment_id=exp.experiment_id, run_name=run_name, nested=nested, tags=tags
         )
     try:
         if _GENERATED_NAME.match(run.info.run_name or ""):
-            mlflow.set_tag("mlflow.runName", cfg.run_name())
+            mlflow.set_tag("mlflow.runName", run_name)
         yield run
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
@@ -224,7 +228,7 @@ def train_run(
 
     with tracked_run(cfg, nested=nested, tags=tags) as run:
         log_params_once(cfg)
-        mlflow.set_tag("millvae.version", millvae.__version__)
+        mlflow.set_tags({"millvae.version": millvae.__version__, "model_type": "beta_vae"})
         if prepared is None:
             prepared = prepare(cfg)
         _log_data(prepared)
@@ -260,7 +264,108 @@ def train_run(
             mlflow.log_artifact(str(tmp / "loss_curves.png"), "plots")
             mlflow.log_artifact(str(tmp / "scaler.json"))
         log_keras_model(model, prepared)
+        result.evaluation = evaluate_and_log(model, prepared, cfg)
     return result
+
+
+PROTOCOLS = {
+    "window": "seed protocol: random stratified window split (leaks cuts across splits)",
+    "case": "leak-free: whole tools per split, failing tools divided between val and test",
+    "cut": "whole cuts per split, stratified by tool class",
+}
+
+
+def evaluate_and_log(model, prepared: Prepared, cfg: TrainConfig):
+    """Score every window, log detection metrics, plots, scores and the pyfunc detector."""
+    import mlflow
+
+    from millvae.detector import detector_config, log_detector
+    from millvae.evaluate import (
+        VAE_SCORES,
+        evaluate,
+        reconstruction_examples,
+        vae_scores,
+        write_plots,
+    )
+
+    t0 = time.perf_counter()
+    scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
+    ev = evaluate(
+        scores,
+        prepared.windows,
+        VAE_SCORES,
+        positive=cfg.positive,
+        threshold_method=cfg.threshold_method,
+        threshold_percentile=cfg.threshold_percentile,
+        n_boot=cfg.bootstrap,
+        seed=cfg.seed,
+    )
+    ev.normalizer = normalizer
+    mlflow.log_metrics({**ev.metrics, "evaluation_seconds": time.perf_counter() - t0})
+    mlflow.set_tags(
+        {
+            "protocol": PROTOCOLS[cfg.split],
+            "decision_score": ev.decision_score,
+            "positive_class": cfg.positive,
+        }
+    )
+    title = f"{cfg.run_name()} | split={cfg.split} | {prepared.data_source} data"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        examples = reconstruction_examples(model, prepared, scores)
+        write_plots(
+            ev,
+            prepared.windows,
+            tmp,
+            positive=cfg.positive,
+            title=title,
+            examples=examples,
+            signal_names=prepared.signal_names,
+        )
+        for png in sorted(tmp.glob("*.png")):
+            mlflow.log_artifact(str(png), "plots")
+        table = pd.concat(
+            [prepared.windows.reset_index(drop=True), ev.scores.reset_index(drop=True)], axis=1
+        )
+        table.to_csv(tmp / "window_scores.csv.gz", index=False)
+        mlflow.log_artifact(str(tmp / "window_scores.csv.gz"), "scores")
+        (tmp / "thresholds.json").write_text(
+            json.dumps(
+                {
+                    "decision_score": ev.decision_score,
+                    "method": cfg.threshold_method,
+                    "thresholds": ev.thresholds,
+                },
+                indent=2,
+            )
+        )
+        mlflow.log_artifact(str(tmp / "thresholds.json"))
+    d = ev.decision_score
+    if d not in ev.thresholds or d.removesuffix("_cond") not in ev.thresholds:
+        # without both classes on validation no threshold can be chosen honestly
+        mlflow.set_tag(
+            "millvae.detector", "not logged: validation lacks healthy or positive windows"
+        )
+        return ev
+    part = "val" if prepared.mask("val").any() else "train"
+    pick = np.flatnonzero(prepared.mask(part))[:2]
+    config = detector_config(
+        scaler=prepared.scaler,
+        thresholds=ev.thresholds,
+        normalizer=normalizer,
+        decision_score=d,
+        score_samples=cfg.score_samples,
+        data_source=prepared.data_source,
+        score_seed=cfg.seed,
+    )
+    conditions = prepared.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
+    log_detector(
+        model,
+        config,
+        example_raw=prepared.scaler.inverse_transform(prepared.x[pick]),
+        example_conditions=conditions,
+    )
+    return ev
 
 
 def cuts_table(p: Prepared) -> pd.DataFrame:

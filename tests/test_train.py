@@ -61,9 +61,25 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
     assert {"history.csv", "scaler.json", "plots", "data"} <= arts
     cuts = pd.read_csv(client.download_artifacts(result.run_id, "data/cuts.csv"))
     assert len(cuts) == m["n_cuts"] and set(cuts["split"]) <= {"train", "val", "test", "mixed"}
-    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == [
-        "plots/loss_curves.png"
-    ]
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert plots == {
+        "plots/loss_curves.png",
+        "plots/pr_roc_curves.png",
+        "plots/score_distributions_test.png",
+        f"plots/case_trends_{tags['decision_score']}.png",
+        "plots/reconstruction_examples.png",
+    }
+    # detection metrics of every score, thresholds from validation, the detector model
+    for s in ("mse", "kl", "mse_cond", "kl_cond"):
+        for k in ("val_ap", "test_ap", "test_rocauc", "test_prauc", "test_f1", "threshold"):
+            assert f"{k}_{s}" in m, f"{k}_{s}"
+    assert m["test_ap_kl_lo"] <= m["test_ap_kl"] <= m["test_ap_kl_hi"]
+    assert tags["decision_score"] in ("mse", "kl", "mse_cond", "kl_cond")
+    assert tags["protocol"].startswith("seed protocol")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    assert {lm.name for lm in models if lm.source_run_id == result.run_id} == {"model", "detector"}
     scaler = json.loads(open(client.download_artifacts(result.run_id, "scaler.json")).read())
     assert scaler["window_size"] == 64 and len(scaler["min"]) == 6
 

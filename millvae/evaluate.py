@@ -1,0 +1,216 @@
+"""How well does a detector find a worn tool? Scores → metrics, thresholds and plots of one run.
+
+Everything that selects (thresholds, the decision score) reads validation data only; test labels are
+used for reporting, never for choosing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from millvae import metrics as M
+from millvae.data import Prepared
+from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
+
+VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
+
+
+@dataclass
+class Evaluation:
+    """Metrics by name, the validation-chosen threshold per score and the decision score."""
+
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+    decision_score: str
+    scores: pd.DataFrame  # one row per window of the prepared data, every score column
+    score_names: tuple[str, ...]
+    normalizer: ConditionNormalizer | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def healthy_fit_mask(windows: pd.DataFrame) -> np.ndarray:
+    """Windows the condition-aware normaliser may learn from: healthy, training or validation."""
+    return (windows["split"].isin(["train", "val"]) & (windows["tool_class"] == 0)).to_numpy()
+
+
+def add_condition_scores(
+    scores: pd.DataFrame, windows: pd.DataFrame, names: tuple[str, ...] | list[str]
+) -> tuple[pd.DataFrame, ConditionNormalizer]:
+    """Append `<name>_cond` columns: each window scored against healthy windows of its condition."""
+    fit = healthy_fit_mask(windows)
+    cond = windows[list(CONDITION_COLUMNS)].reset_index(drop=True)
+    normalizer = ConditionNormalizer.fit(
+        scores.loc[fit].reset_index(drop=True), cond.loc[fit].reset_index(drop=True), names
+    )
+    out = pd.concat([scores, normalizer.transform(scores, cond)], axis=1)
+    return out, normalizer
+
+
+def vae_scores(model, prepared: Prepared, samples: int = 0, seed: int = 0):
+    """mse, kl (+ per-signal errors) and their condition-aware versions for every window."""
+    raw = window_scores(model, prepared.x, prepared.signal_names, samples=samples, seed=seed)
+    return add_condition_scores(raw, prepared.windows.reset_index(drop=True), ["mse", "kl"])
+
+
+def choose_threshold(
+    y_val: np.ndarray, s_val: np.ndarray, healthy_val: np.ndarray, method: str, percentile: float
+) -> float:
+    """A threshold from validation data only."""
+    if method == "percentile":
+        return M.threshold_percentile(s_val[healthy_val], percentile)
+    return M.threshold_f1(y_val, s_val)
+
+
+def evaluate(
+    scores: pd.DataFrame,
+    windows: pd.DataFrame,
+    score_names: tuple[str, ...] | list[str],
+    *,
+    positive: str = "failed",
+    threshold_method: str = "f1",
+    threshold_percentile: float = 99.0,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Window-, cut- and condition-level metrics of each score on validation and test."""
+    windows = windows.reset_index(drop=True)
+    scores = scores.reset_index(drop=True)
+    y = M.positive_labels(windows["tool_class"].to_numpy(), positive)
+    split = windows["split"].to_numpy()
+    healthy = (windows["tool_class"] == 0).to_numpy()
+    out: dict[str, float] = {}
+    thresholds: dict[str, float] = {}
+
+    def put(name: str, value: float) -> None:
+        if value is not None and np.isfinite(value):
+            out[name] = float(value)
+
+    for part in ("val", "test"):
+        m = split == part
+        put(f"{part}_positive_rate", y[m].mean() if m.any() else np.nan)
+        put(f"{part}_n_positive", y[m].sum())
+
+    for name in score_names:
+        s_all = scores[name].to_numpy(dtype=float)
+        for part in ("val", "test"):
+            m = (split == part) & np.isfinite(s_all)
+            yp, sp = y[m], s_all[m]
+            put(f"{part}_ap_{name}", M.average_precision(yp, sp))
+            put(f"{part}_rocauc_{name}", M.roc_auc(yp, sp))
+            put(f"{part}_prauc_{name}", M.seed_pr_auc(yp, sp))
+        v = (split == "val") & np.isfinite(s_all)
+        if not v.any() or y[v].all() or not y[v].any():
+            continue  # no threshold can be chosen without both classes on validation
+        thr = choose_threshold(y[v], s_all[v], healthy[v], threshold_method, threshold_percentile)
+        thresholds[name] = float(thr)
+        put(f"threshold_{name}", thr)
+        for part in ("val", "test"):
+            m = (split == part) & np.isfinite(s_all)
+            if not m.any():
+                continue
+            p, r, f1 = M.precision_recall_f1(y[m], s_all[m], thr)
+            put(f"{part}_precision_{name}", p)
+            put(f"{part}_recall_{name}", r)
+            put(f"{part}_f1_{name}", f1)
+        t = (split == "test") & np.isfinite(s_all)
+        if not t.any():
+            continue
+        cuts = windows.loc[t, "cut_no"].to_numpy()
+        if n_boot > 0:
+            lo, hi = M.bootstrap_ci(
+                M.average_precision, y[t], s_all[t], cuts, n_boot=n_boot, seed=seed
+            )
+            put(f"test_ap_{name}_lo", lo)
+            put(f"test_ap_{name}_hi", hi)
+        per_cut = M.cut_level(s_all[t], cuts, y[t], thr)
+        put(f"test_cut_ap_{name}", M.average_precision(per_cut["y"], per_cut["mean"]))
+        put(f"test_cut_rocauc_{name}", M.roc_auc(per_cut["y"], per_cut["mean"]))
+        put(f"test_cutshare_ap_{name}", M.average_precision(per_cut["y"], per_cut["share"]))
+        for cond, mask in M.condition_subsets(windows.loc[t]).items():
+            yc, sc = y[t][mask], s_all[t][mask]
+            put(f"test_ap_{name}_{cond}", M.average_precision(yc, sc))
+            put(f"test_prauc_{name}_{cond}", M.seed_pr_auc(yc, sc))
+
+    ranked = [(out.get(f"val_ap_{n}", -np.inf), n) for n in score_names if n in thresholds]
+    decision = max(ranked)[1] if ranked else str(score_names[0])
+    return Evaluation(
+        metrics=out,
+        thresholds=thresholds,
+        decision_score=decision,
+        scores=scores,
+        score_names=tuple(score_names),
+    )
+
+
+def write_plots(
+    ev: Evaluation,
+    windows: pd.DataFrame,
+    out_dir: Path,
+    *,
+    positive: str,
+    title: str,
+    examples: dict | None = None,
+    signal_names=(),
+) -> list[Path]:
+    """The detection plots of one run, as PNG files in out_dir."""
+    from millvae import plots
+
+    windows = windows.reset_index(drop=True)
+    y = M.positive_labels(windows["tool_class"].to_numpy(), positive)
+    split = windows["split"].to_numpy()
+    curves = {}
+    for part in ("val", "test"):
+        m = split == part
+        if m.any() and y[m].any() and not y[m].all():
+            curves[part] = {n: (y[m], ev.scores.loc[m, n].to_numpy()) for n in ev.score_names}
+    paths = []
+    if curves:
+        paths.append(plots.pr_roc_curves(curves, out_dir / "pr_roc_curves.png", title=title))
+    test = split == "test"
+    paths.append(
+        plots.score_distributions(
+            ev.scores.loc[test, list(ev.score_names)].reset_index(drop=True),
+            windows.loc[test, "tool_class"].to_numpy(),
+            ev.thresholds,
+            out_dir / "score_distributions_test.png",
+            title=f"{title} — test windows",
+        )
+    )
+    d = ev.decision_score
+    paths.append(
+        plots.case_trends(
+            windows,
+            ev.scores[d].to_numpy(),
+            ev.thresholds.get(d, np.nan),
+            out_dir / f"case_trends_{d}.png",
+            score_name=d,
+            title=title,
+        )
+    )
+    if examples:
+        paths.append(
+            plots.reconstruction_examples(
+                examples, signal_names, out_dir / "reconstruction_examples.png", title=title
+            )
+        )
+    return paths
+
+
+def reconstruction_examples(model, prepared: Prepared, scores: pd.DataFrame) -> dict:
+    """A typical (median-mse) test window of each tool class, with its reconstruction."""
+    w = prepared.windows.reset_index(drop=True)
+    out = {}
+    for k, name in enumerate(("healthy", "degraded", "failed")):
+        idx = np.flatnonzero(((w["split"] == "test") & (w["tool_class"] == k)).to_numpy())
+        if len(idx) == 0:
+            continue
+        mse = scores.loc[idx, "mse"].to_numpy()
+        pick = idx[np.argsort(mse)[len(mse) // 2]]
+        x = prepared.x[pick : pick + 1]
+        recon = np.asarray(model(x, training=False))[0]
+        out[name] = (x[0], recon)
+    return out

@@ -1,0 +1,482 @@
+"""Figures logged as MLflow run artifacts: PR/ROC curves, score distributions, per-case trends and
+reconstruction examples, each written as a PNG.
+
+Figures are built on `matplotlib.figure.Figure` directly rather than through pyplot: nothing is
+registered with pyplot's global figure manager, so no figure can leak, and importing this module
+never switches the backend of a user's interactive session (every file is drawn on an Agg canvas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cbook import violin_stats
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from millvae.errors import MillvaeError
+
+DPI = 110
+CLASS_NAMES = ("healthy", "degraded", "failed")
+CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#d62728")
+SPLIT_ORDER = ("train", "val", "test")
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "figure.titlesize": 11,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+# a score is drawn on a log axis when it is positive and its bulk covers this many decades
+_LOG_DECADES = 1.5
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+    finally:
+        # no pyplot figure manager holds it; dropping the artists frees the memory now
+        fig.clear()
+    return path
+
+
+def _empty(path, title: str, message: str) -> Path:
+    """A small figure that says why there is nothing to show, so an artifact always exists."""
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(6, 2.5)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, color="0.3")
+        if title:
+            fig.suptitle(title)
+        return _save(fig, path)
+
+
+def _score_styles(names: Sequence[str]) -> dict[str, dict]:
+    """One colour per base score (mse, kl, pca, ...); the condition-aware variant is dashed."""
+    palette = matplotlib.colormaps["tab10"].colors
+    bases: list[str] = []
+    for n in names:
+        b = n.removesuffix("_cond")
+        if b not in bases:
+            bases.append(b)
+    return {
+        n: {
+            "color": palette[bases.index(n.removesuffix("_cond")) % len(palette)],
+            "linestyle": "--" if n.endswith("_cond") else "-",
+        }
+        for n in names
+    }
+
+
+def _split_key(split: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
+
+
+def _finite_pair(y_true, scores, where: str) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise MillvaeError(
+            f"{where}: expected labels and scores of the same length; got {y.size} and {s.size}"
+        )
+    keep = np.isfinite(s)
+    return y[keep], s[keep]
+
+
+def pr_roc_curves(
+    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path, title: str = ""
+) -> Path:
+    """Precision-recall (left) and ROC (right) curves, a row per split and a line per score.
+
+    `curves[split][score] = (y_true, scores)`; NaN scores are dropped. The PR panel shows the
+    no-skill line at the positive rate and AP in the legend; the ROC panel the diagonal and ROC-AUC.
+    """
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
+
+    splits = sorted((s for s in curves if curves[s]), key=_split_key)
+    if not splits:
+        return _empty(path, title, "no scores to draw")
+    names = list(dict.fromkeys(n for s in splits for n in curves[s]))
+    styles = _score_styles(names)
+
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(10, 0.5 + 4.6 * len(splits))
+        axes = fig.subplots(len(splits), 2, squeeze=False)
+        for row, split in enumerate(splits):
+            ax_pr, ax_roc = axes[row]
+            n_all = pos_all = 0
+            for name, (y_true, scores) in curves[split].items():
+                y, s = _finite_pair(y_true, scores, f"pr_roc_curves[{split!r}][{name!r}]")
+                n_all, pos_all = max(n_all, y.size), max(pos_all, int(y.sum()))
+                if y.size == 0 or y.all() or not y.any():
+                    # one class only: AP and ROC-AUC are undefined, say so in the legend
+                    ax_pr.plot([], [], label=f"{name}: undefined (one class)", **styles[name])
+                    ax_roc.plot([], [], label=f"{name}: undefined (one class)", **styles[name])
+                    continue
+                prec, rec, _ = precision_recall_curve(y, s)
+                ap = average_precision_score(y, s)
+                ax_pr.step(
+                    rec, prec, where="post", lw=1.6, label=f"{name}  AP {ap:.3f}", **styles[name]
+                )
+                fpr, tpr, _ = roc_curve(y, s)
+                auc = roc_auc_score(y, s)
+                ax_roc.plot(fpr, tpr, lw=1.6, label=f"{name}  AUC {auc:.3f}", **styles[name])
+            rate = pos_all / n_all if n_all else float("nan")
+            if np.isfinite(rate) and rate > 0:
+                ax_pr.axhline(rate, color="0.5", lw=1, ls=":", label=f"no skill {rate:.3f}")
+            ax_roc.plot([0, 1], [0, 1], color="0.5", lw=1, ls=":", label="no skill 0.5")
+            counts = f"{n_all} windows, {pos_all} positive"
+            ax_pr.set_title(f"{split} · precision-recall ({counts})")
+            ax_roc.set_title(f"{split} · ROC ({counts})")
+            ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+            ax_roc.set(
+                xlabel="false positive rate",
+                ylabel="true positive rate",
+                xlim=(0, 1),
+                ylim=(0, 1.02),
+            )
+            for ax in (ax_pr, ax_roc):
+                ax.grid(alpha=0.3)
+            # PR curves wander anywhere; ROC curves leave the lower right free
+            ax_pr.legend(loc="best", framealpha=0.85)
+            ax_roc.legend(loc="lower right", framealpha=0.85)
+        if title:
+            fig.suptitle(title)
+        return _save(fig, path)
+
+
+def _use_log(values: np.ndarray) -> bool:
+    v = values[np.isfinite(values)]
+    if v.size < 2 or (v <= 0).any():
+        return False
+    lo, hi = np.percentile(v, [1, 99])
+    return bool(np.log10(hi / lo) >= _LOG_DECADES)
+
+
+def _violin(ax, groups: list[np.ndarray], positions: list[float], colors, log: bool) -> None:
+    """Violins with median and quartiles; on a log axis the density is estimated in log space."""
+    for data, pos, color in zip(groups, positions, colors, strict=True):
+        if data.size == 0:
+            continue
+        d = np.log10(data) if log else data
+        back = (lambda v: 10.0 ** np.asarray(v)) if log else (lambda v: np.asarray(v))
+        q1, med, q3 = back(np.percentile(d, [25, 50, 75]))
+        if data.size >= 3 and np.ptp(d) > 0:
+            stats = violin_stats(d[:, None], _kde, quantiles=None)
+            for st in stats:
+                st["coords"] = back(st["coords"])
+                for key in ("mean", "median", "min", "max"):
+                    st[key] = float(back(st[key]))
+            parts = ax.violin(stats, positions=[pos], widths=0.8, showextrema=False)
+            for body in parts["bodies"]:
+                body.set(facecolor=color, edgecolor=color, alpha=0.35)
+        else:
+            # too few distinct values for a density: show the points themselves
+            ax.scatter(np.full(data.size, pos), data, s=14, color=color, zorder=3)
+        ax.vlines(pos, q1, q3, color="0.15", lw=4, zorder=3)
+        ax.scatter([pos], [med], s=18, color="white", edgecolor="0.15", zorder=4)
+
+
+def _kde(x: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Gaussian KDE with Scott's bandwidth, written out to avoid a scipy.stats import per panel."""
+    x = np.asarray(x, dtype=float).ravel()
+    bw = 1.06 * x.std() * x.size ** (-1 / 5) or 1.0
+    z = (coords[:, None] - x[None, :]) / bw
+    return np.exp(-0.5 * z**2).sum(axis=1) / (x.size * bw * np.sqrt(2 * np.pi))
+
+
+def score_distributions(
+    scores: pd.DataFrame,
+    tool_class: np.ndarray,
+    thresholds: Mapping[str, float],
+    path,
+    title: str = "",
+) -> Path:
+    """A violin per tool class (healthy/degraded/failed) for each score column, with its threshold.
+
+    Positive scores spanning decades get a log axis; NaN scores are dropped.
+    """
+    tc = np.asarray(tool_class).ravel()
+    if len(scores) != tc.size:
+        raise MillvaeError(
+            "score_distributions: expected one tool class per score row; "
+            f"got {len(scores)} rows and {tc.size} classes"
+        )
+    cols = list(scores.columns)
+    if not cols or tc.size == 0:
+        return _empty(path, title, "no scores to draw")
+
+    ncols = min(len(cols), 4)
+    nrows = -(-len(cols) // ncols)
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(max(3.6 * ncols, 5.0), 0.6 + 3.4 * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax in axes[len(cols) :]:
+            ax.axis("off")
+        for ax, name in zip(axes, cols, strict=False):
+            v = scores[name].to_numpy(dtype=float)
+            keep = np.isfinite(v)
+            groups = [v[keep & (tc == k)] for k in range(len(CLASS_NAMES))]
+            log = _use_log(v[keep])
+            if log:
+                ax.set_yscale("log")
+            _violin(ax, groups, [0, 1, 2], CLASS_COLORS, log)
+            thr = thresholds.get(name)
+            if thr is not None and np.isfinite(thr) and (thr > 0 or not log):
+                ax.axhline(thr, color="0.1", lw=1.2, ls="--", label=f"threshold {thr:.3g}")
+                ax.legend(loc="upper left", framealpha=0.85)
+            ax.set_xticks(
+                [0, 1, 2], [f"{c}\nn={g.size}" for c, g in zip(CLASS_NAMES, groups, strict=True)]
+            )
+            for tick, color in zip(ax.get_xticklabels(), CLASS_COLORS, strict=True):
+                tick.set_color(color)
+            ax.set_xlim(-0.6, 2.6)
+            dropped = int((~keep).sum())
+            ax.set_title(name + (f"  ({dropped} NaN dropped)" if dropped else ""))
+            ax.set_ylabel(f"{name} score" + (" (log)" if log else ""))
+            ax.grid(axis="y", alpha=0.3)
+        if title:
+            fig.suptitle(title)
+        return _save(fig, path)
+
+
+def case_trends(
+    windows: pd.DataFrame,
+    score: np.ndarray,
+    threshold: float | None,
+    path,
+    score_name: str = "",
+    title: str = "",
+) -> Path:
+    """One panel per case: each cut's window scores in run order, shaded by tool class.
+
+    `windows` needs columns case, cut_no, run, tool_class, split, one row per entry of `score`.
+    """
+    need = ("case", "cut_no", "run", "tool_class", "split")
+    missing = [c for c in need if c not in windows.columns]
+    if missing:
+        raise MillvaeError(f"case_trends: expected window columns {list(need)}; missing {missing}")
+    s = np.asarray(score, dtype=float).ravel()
+    if s.size != len(windows):
+        raise MillvaeError(
+            f"case_trends: expected one score per window; got {s.size} scores for "
+            f"{len(windows)} windows"
+        )
+    df = windows.loc[:, list(need)].reset_index(drop=True)
+    df["score"] = s
+    df = df[np.isfinite(s)]
+    if df.empty:
+        return _empty(path, title, "no finite scores to draw")
+    label = score_name or "score"
+    threshold = float("nan") if threshold is None else float(threshold)
+    log = _use_log(df["score"].to_numpy())
+    cases = sorted(df["case"].unique())
+    ncols = min(len(cases), 4)
+    nrows = -(-len(cases) // ncols)
+    # with several splits in the picture (split=cut or window) the marker tells them apart
+    all_splits = sorted(df["split"].unique(), key=_split_key)
+    shapes = {"train": "s", "val": "o", "test": "^"}
+    split_markers = {
+        sp: shapes.get(str(sp), "D") if len(all_splits) > 1 else "o" for sp in all_splits
+    }
+    rng = np.random.default_rng(0)  # jitter only; fixed so the same run draws the same picture
+
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(max(3.4 * ncols, 5.5), 0.9 + 2.5 * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        flat = axes.ravel()
+        for ax in flat[len(cases) :]:
+            ax.axis("off")
+        for ax, case in zip(flat, cases, strict=False):
+            part = df[df["case"] == case]
+            cuts = (
+                part.groupby("cut_no", sort=False)
+                .agg(
+                    run=("run", "first"), tool_class=("tool_class", "first"), mean=("score", "mean")
+                )
+                .sort_values(["run"])
+            )
+            pos = {cut: i for i, cut in enumerate(cuts.index)}
+            for i, (_, c) in enumerate(cuts.iterrows()):
+                ax.axvspan(
+                    i - 0.5, i + 0.5, color=CLASS_COLORS[int(c["tool_class"])], alpha=0.16, lw=0
+                )
+            x = part["cut_no"].map(pos).to_numpy(dtype=float)
+            x = x + rng.uniform(-0.22, 0.22, x.size)
+            for split, marker in split_markers.items():
+                m = (part["split"] == split).to_numpy()
+                ax.scatter(
+                    x[m],
+                    part["score"].to_numpy()[m],
+                    s=8,
+                    marker=marker,
+                    color="0.25",
+                    alpha=0.35,
+                    lw=0,
+                )
+            ax.plot(np.arange(len(cuts)), cuts["mean"], color="#1f3b73", lw=1.4, marker="o", ms=3)
+            if np.isfinite(threshold) and (threshold > 0 or not log):
+                ax.axhline(threshold, color="0.1", lw=1.1, ls="--")
+            runs = cuts["run"].to_numpy()
+            step = max(1, int(np.ceil(len(runs) / 8)))
+            ticks = np.arange(0, len(runs), step)
+            ax.set_xticks(ticks, [str(int(r)) for r in runs[ticks]])
+            ax.set_xlim(-0.5, len(cuts) - 0.5)
+            splits = sorted(part["split"].unique(), key=_split_key)
+            n = len(cuts)
+            ax.set_title(
+                f"case {int(case)} · {'/'.join(map(str, splits))} · {n} cut{'s' * (n != 1)}"
+            )
+            ax.grid(axis="y", alpha=0.3)
+        if log:
+            flat[0].set_yscale("log")
+        for r in range(nrows):
+            axes[r, 0].set_ylabel(label + (" (log)" if log else ""))
+        for j in range(ncols):
+            # the lowest filled panel of each column carries the x label
+            last = max(r for r in range(nrows) if r * ncols + j < len(cases))
+            axes[last, j].set_xlabel("run (cut order)")
+        handles = [
+            Patch(color=c, alpha=0.35, label=n)
+            for n, c in zip(CLASS_NAMES, CLASS_COLORS, strict=True)
+        ]
+        handles += [
+            *[
+                Line2D(
+                    [],
+                    [],
+                    color="0.25",
+                    marker=mk,
+                    ls="",
+                    ms=4,
+                    alpha=0.6,
+                    label=f"{sp} window" if len(split_markers) > 1 else "window",
+                )
+                for sp, mk in split_markers.items()
+            ],
+            Line2D([], [], color="#1f3b73", marker="o", ms=3, lw=1.4, label="cut mean"),
+        ]
+        if np.isfinite(threshold):
+            handles.append(Line2D([], [], color="0.1", ls="--", label=f"threshold {threshold:.3g}"))
+        # a narrow figure (one or two cases) wraps the legend instead of clipping it
+        per_row = min(len(handles), 2 + 2 * ncols)
+        fig.legend(handles=handles, loc="outside lower center", ncols=per_row, frameon=False)
+        fig.suptitle(title or f"{label} per cut, by case")
+        return _save(fig, path)
+
+
+def reconstruction_examples(
+    examples: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    signal_names: Sequence[str],
+    path,
+    title: str = "",
+) -> Path:
+    """Input vs reconstruction of a window per class: a column per example, a row per signal,
+    and a last row with the mean squared error per signal.
+    """
+    names = [str(n) for n in signal_names]
+    order = [k for k in CLASS_NAMES if k in examples] + [
+        k for k in examples if k not in CLASS_NAMES
+    ]
+    if not order:
+        return _empty(path, title, "no example windows to draw")
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in order:
+        win, rec = (np.asarray(a, dtype=float) for a in examples[key])
+        # a single window may come with its batch axis
+        win = win[0] if win.ndim == 3 and win.shape[0] == 1 else win
+        rec = rec[0] if rec.ndim == 3 and rec.shape[0] == 1 else rec
+        if win.ndim != 2 or win.shape != rec.shape or win.shape[1] != len(names):
+            raise MillvaeError(
+                f"reconstruction_examples[{key!r}]: expected window and reconstruction of shape "
+                f"[window, {len(names)}]; got {win.shape} and {rec.shape}"
+            )
+        pairs[key] = (win, rec)
+    errors = {k: np.mean((w - r) ** 2, axis=0) for k, (w, r) in pairs.items()}
+    colors = {
+        k: CLASS_COLORS[CLASS_NAMES.index(k)] if k in CLASS_NAMES else "#1f77b4" for k in order
+    }
+
+    nsig, ncol = len(names), len(order)
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(max(3.6 * ncol, 5.5), 1.0 + 1.45 * nsig + 1.9)
+        axes = fig.subplots(nsig + 1, ncol, squeeze=False, height_ratios=[1.0] * nsig + [1.3])
+        for j, key in enumerate(order):
+            win, rec = pairs[key]
+            t = np.arange(win.shape[0])
+            for i, sig in enumerate(names):
+                ax = axes[i, j]
+                ax.plot(t, win[:, i], color="0.15", lw=1.1, label="input")
+                ax.plot(t, rec[:, i], color=colors[key], lw=1.4, label="reconstruction")
+                ax.set_title(f"{sig} · sq. error {errors[key][i]:.2e}", fontsize=8.5)
+                ax.grid(alpha=0.3)
+                ax.margins(x=0)
+                if j == 0:
+                    ax.set_ylabel("scaled")
+                if i < nsig - 1:
+                    ax.tick_params(labelbottom=False)
+                else:
+                    ax.set_xlabel("sample in window")
+            axes[0, j].annotate(
+                f"{key}  (mse {errors[key].mean():.2e})",
+                xy=(0.5, 1.0),
+                xycoords="axes fraction",
+                xytext=(0, 18),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=10.5,
+                fontweight="bold",
+                color=colors[key],
+            )
+            bar = axes[nsig, j]
+            bar.bar(np.arange(nsig), errors[key], color=colors[key], alpha=0.8)
+            bar.set_xticks(np.arange(nsig), names, rotation=30, ha="right")
+            bar.set_xlim(-0.75, nsig - 0.25)
+            bar.set_title("mean squared error per signal", fontsize=8.5)
+            bar.grid(axis="y", alpha=0.3)
+            if j == 0:
+                bar.set_ylabel("sq. error")
+        # one y range for all bar panels so classes compare at a glance
+        top = max(float(e.max()) for e in errors.values()) * 1.1 or 1.0
+        for j in range(ncol):
+            axes[nsig, j].set_ylim(0, top)
+        fig.legend(
+            handles=[
+                Line2D([], [], color="0.15", lw=1.1, label="input"),
+                *[
+                    Line2D([], [], color=colors[k], lw=1.4, label=f"reconstruction ({k})")
+                    for k in order
+                ],
+            ],
+            loc="outside lower center",
+            ncols=len(order) + 1,
+            frameon=False,
+        )
+        if title:
+            fig.suptitle(title)
+        return _save(fig, path)

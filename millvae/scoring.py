@@ -1,0 +1,125 @@
+"""Anomaly scores of windows: reconstruction error (input space), KL from the prior (latent space),
+and condition-aware versions relative to the healthy windows of the same cutting condition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+CONDITION_COLUMNS = ("DOC", "feed", "material")
+# MAD of a normal distribution is 0.6745 sigma; the factor turns a MAD into a sigma estimate
+_MAD_TO_SIGMA = 1.4826
+_EPS = 1e-12
+
+
+def window_scores(
+    model,
+    x: np.ndarray,
+    signal_names: tuple[str, ...] | list[str],
+    *,
+    samples: int = 0,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> pd.DataFrame:
+    """Per-window scores of scaled windows x [n, window, signal].
+
+    `mse` is the reconstruction error over time and signals, decoding the mean coding
+    (deterministic) or, with `samples` = K > 0, averaging K sampled reconstructions (seeded).
+    `kl` is the KL divergence of the window's coding from the N(0, I) prior; `mse_<signal>` is the
+    error per signal.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) == 0:
+        cols = ["mse", "kl", *[f"mse_{s}" for s in signal_names]]
+        return pd.DataFrame({c: np.empty(0) for c in cols})
+    mean, log_var = model.encode(x, batch_size=batch_size)
+    mean, log_var = np.asarray(mean, np.float64), np.asarray(log_var, np.float64)
+    kl = -0.5 * np.sum(1.0 + log_var - np.exp(log_var) - mean**2, axis=1)
+    if samples and samples > 0:
+        rng = np.random.default_rng(seed)
+        recon = np.zeros(x.shape, dtype=np.float64)
+        std = np.exp(0.5 * log_var)
+        for _ in range(samples):
+            z = (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)
+            recon += np.asarray(model.decoder.predict(z, batch_size=batch_size, verbose=0))
+        recon /= samples
+    else:
+        recon = np.asarray(
+            model.decoder.predict(mean.astype(np.float32), batch_size=batch_size, verbose=0)
+        )
+    err = (x.astype(np.float64) - recon) ** 2
+    out = {"mse": err.mean(axis=(1, 2)), "kl": kl}
+    per_signal = err.mean(axis=1)
+    for j, s in enumerate(signal_names):
+        out[f"mse_{s}"] = per_signal[:, j]
+    return pd.DataFrame(out)
+
+
+def condition_keys(conditions: pd.DataFrame) -> np.ndarray:
+    """'DOC|feed|material' strings, e.g. '0.75|0.25|1' (JSON-friendly dictionary keys)."""
+    cols = [conditions[c].to_numpy(dtype=float) for c in CONDITION_COLUMNS]
+    return np.array([f"{d:g}|{f:g}|{int(m)}" for d, f, m in zip(*cols, strict=True)], dtype=object)
+
+
+@dataclass
+class ConditionNormalizer:
+    """Robust z-score of log(score) within each cutting condition, fitted on healthy windows only.
+
+    One global threshold mixes conditions whose normal score levels differ (a heavy cut with a new
+    tool can reconstruct worse than a light cut with a worn one); scoring each window against the
+    healthy windows of its own condition removes that. Conditions never seen healthy fall back to
+    the statistics of all healthy windows.
+    """
+
+    stats: dict[str, dict[str, tuple[float, float]]]  # score -> condition key ('*' = all) -> (c, s)
+
+    @classmethod
+    def fit(
+        cls, scores: pd.DataFrame, conditions: pd.DataFrame, names: list[str] | tuple[str, ...]
+    ):
+        keys = condition_keys(conditions)
+        stats: dict[str, dict[str, tuple[float, float]]] = {}
+        for name in names:
+            v = np.log(np.maximum(scores[name].to_numpy(dtype=float), _EPS))
+            per = {"*": _center_scale(v)}
+            for k in np.unique(keys):
+                per[str(k)] = _center_scale(v[keys == k])
+            stats[name] = per
+        return cls(stats)
+
+    def transform(self, scores: pd.DataFrame, conditions: pd.DataFrame | None) -> pd.DataFrame:
+        """`<name>_cond` columns; NaN where no condition is known."""
+        out = {}
+        n = len(scores)
+        keys = condition_keys(conditions) if conditions is not None else None
+        for name, per in self.stats.items():
+            v = np.log(np.maximum(scores[name].to_numpy(dtype=float), _EPS))
+            if keys is None:
+                out[f"{name}_cond"] = np.full(n, np.nan)
+                continue
+            center = np.array([per.get(k, per["*"])[0] for k in keys], dtype=float)
+            scale = np.array([per.get(k, per["*"])[1] for k in keys], dtype=float)
+            out[f"{name}_cond"] = (v - center) / scale
+        return pd.DataFrame(out, index=scores.index)
+
+    def to_dict(self) -> dict:
+        return {n: {k: list(cs) for k, cs in per.items()} for n, per in self.stats.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConditionNormalizer:
+        return cls(
+            {n: {k: (float(c), float(s)) for k, (c, s) in per.items()} for n, per in d.items()}
+        )
+
+
+def _center_scale(v: np.ndarray) -> tuple[float, float]:
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return 0.0, 1.0
+    center = float(np.median(v))
+    scale = float(np.median(np.abs(v - center)) * _MAD_TO_SIGMA)
+    if not np.isfinite(scale) or scale < 1e-6:
+        scale = float(np.std(v)) if np.std(v) > 1e-6 else 1.0
+    return center, scale

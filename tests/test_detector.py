@@ -1,0 +1,390 @@
+"""The pyfunc detector: same scores as the evaluation, clear errors, fresh-process load, serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from millvae.detector import detector_config, log_detector, score_raw
+from millvae.errors import MillvaeError
+from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
+
+pytestmark = pytest.mark.slow
+
+SCORES = ("mse", "kl", "mse_cond", "kl_cond")
+
+
+@dataclass
+class Trained:
+    model: object
+    config: dict
+    normalizer: ConditionNormalizer
+    raw: np.ndarray  # raw windows of the test split, [n, 64, 6]
+    x: np.ndarray  # the same windows scaled by the training run's preparation
+    conditions: pd.DataFrame  # DOC, feed, material per window
+    signals: list[str]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_mat) -> Trained:
+    """A tiny β-VAE fitted for one epoch on synthetic healthy windows, with its detector config."""
+    import keras
+
+    from millvae.config import make_config
+    from millvae.data import prepare
+    from millvae.mat import load_mill
+    from millvae.model import build_vae
+    from millvae.prep import cut_windows
+
+    mill = load_mill(synthetic_mat)
+    prepared = prepare(make_config(data=str(synthetic_mat)), mill=mill)
+    w = prepared.windows
+    rows = mill.cuts.index.get_indexer(w["cut_no"])
+    raw_all = cut_windows(mill.signals, rows, w["start"].to_numpy(), 64)
+    assert np.array_equal(prepared.scaler.transform(raw_all), prepared.x)
+
+    model = build_vae(
+        window_size=64,
+        n_signals=6,
+        codings_size=4,
+        conv_layers=1,
+        start_filter_no=8,
+        kernel_size=2,
+        dilations=[1, 2],
+        final_activation="sigmoid",
+        beta=1.0,
+        seed=1,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(prepared.get("train", slim=True), epochs=1, batch_size=256, verbose=0)
+
+    healthy = prepared.mask("train", slim=True) | prepared.mask("val", slim=True)
+    names = list(prepared.signal_names)
+    scores = window_scores(model, prepared.x[healthy], names)
+    normalizer = ConditionNormalizer.fit(scores, w[healthy], ["mse", "kl"])
+    scores = scores.join(normalizer.transform(scores, w[healthy]))
+    thresholds = {s: float(np.percentile(scores[s], 99)) for s in SCORES}
+    config = detector_config(
+        scaler=prepared.scaler,
+        thresholds=thresholds,
+        normalizer=normalizer,
+        decision_score="kl_cond",
+        data_source="synthetic",
+    )
+    # 40 test windows: every class, several conditions
+    test = np.flatnonzero(prepared.mask("test"))
+    pick = np.random.default_rng(0).choice(test, size=40, replace=False)
+    pick.sort()
+    conditions = w.iloc[pick][list(CONDITION_COLUMNS)].reset_index(drop=True)
+    return Trained(model, config, normalizer, raw_all[pick], prepared.x[pick], conditions, names)
+
+
+def as_frame(raw: np.ndarray, signals: list[str], conditions: pd.DataFrame | None = None):
+    """Windows [n, window, signal] as detector input: a row per sample, window after window."""
+    n, window, _ = raw.shape
+    df = pd.DataFrame(raw.reshape(n * window, -1).astype(np.float64), columns=signals)
+    if conditions is not None:
+        for c in CONDITION_COLUMNS:
+            df[c] = np.repeat(conditions[c].to_numpy(dtype=float), window)
+    return df
+
+
+def test_score_raw_gives_exactly_the_evaluation_scores(trained):
+    t = trained
+    expected = window_scores(t.model, t.x, t.signals)
+    expected = expected.join(t.normalizer.transform(expected, t.conditions))
+
+    from_array = score_raw(t.model, t.config, t.raw, conditions=t.conditions)
+    from_frame = score_raw(t.model, t.config, as_frame(t.raw, t.signals, t.conditions))
+
+    for out in (from_array, from_frame):
+        for col in ["mse", "kl", "mse_cond", "kl_cond", *[f"mse_{s}" for s in t.signals]]:
+            np.testing.assert_array_equal(out[col].to_numpy(), expected[col].to_numpy(), col)
+        assert (out["decision"] == "kl_cond").all()
+        np.testing.assert_array_equal(out["score"], expected["kl_cond"])
+        assert (out["threshold"] == t.config["thresholds"]["kl_cond"]).all()
+        np.testing.assert_array_equal(
+            out["is_anomaly"], expected["kl_cond"] >= t.config["thresholds"]["kl_cond"]
+        )
+    # sampled reconstructions: the stored samples and seed reach window_scores
+    sampled = {**t.config, "score_samples": 3, "score_seed": 5}
+    np.testing.assert_array_equal(
+        score_raw(t.model, sampled, t.raw)["mse"],
+        window_scores(t.model, t.x, t.signals, samples=3, seed=5)["mse"],
+    )
+    # a single window [window, signal] is one row
+    one = score_raw(t.model, t.config, t.raw[3])
+    assert len(one) == 1 and one["kl"].iloc[0] == pytest.approx(expected["kl"].iloc[3], rel=1e-6)
+
+
+def test_decision_uses_its_threshold_and_falls_back_without_a_condition(trained):
+    t = trained
+    kl_cond = score_raw(t.model, t.config, t.raw, conditions=t.conditions)["kl_cond"]
+    kl = window_scores(t.model, t.x, t.signals)["kl"]
+    # thresholds at one window's score: that window and those above are anomalies (>=)
+    at_cond, at_kl = float(kl_cond.sort_values().iloc[20]), float(kl.sort_values().iloc[25])
+    config = {**t.config, "thresholds": {**t.config["thresholds"], "kl_cond": at_cond, "kl": at_kl}}
+    with_cond = score_raw(t.model, config, t.raw, conditions=t.conditions)
+    assert with_cond["is_anomaly"].tolist() == (kl_cond >= at_cond).tolist()
+    assert with_cond["is_anomaly"].sum() == 20
+
+    without = score_raw(t.model, config, t.raw)
+    assert without["kl_cond"].isna().all() and without["mse_cond"].isna().all()
+    assert (without["decision"] == "kl (no condition given)").all()
+    np.testing.assert_array_equal(without["score"], without["kl"])
+    assert (without["threshold"] == config["thresholds"]["kl"]).all()
+    assert without["is_anomaly"].tolist() == (without["kl"] >= config["thresholds"]["kl"]).tolist()
+    assert without["is_anomaly"].sum() == 15
+
+    raw_decision = {**t.config, "decision_score": "mse"}
+    out = score_raw(t.model, raw_decision, t.raw, conditions=t.conditions)
+    assert (out["decision"] == "mse").all()
+    assert out["is_anomaly"].tolist() == (out["mse"] >= t.config["thresholds"]["mse"]).tolist()
+
+
+def _bad_inputs(t: Trained) -> list[tuple[str, object, str]]:
+    df = as_frame(t.raw[:3], t.signals, t.conditions.iloc[:3])
+    nan = df.copy()
+    nan.iloc[70, 2] = np.nan
+    inf = t.raw[:3].copy()
+    inf[1, 5, 0] = np.inf
+    varying = df.copy()
+    varying.loc[10, "DOC"] = 99.0
+    text = df.copy().astype({"smcAC": object})
+    text.loc[5, "smcAC"] = "oops"
+    return [
+        ("missing column", df.drop(columns="smcDC"), "missing smcDC; unknown none"),
+        (
+            "misspelled column",
+            df.rename(columns={"smcDC": "smcdc"}),
+            "missing smcDC; unknown smcdc",
+        ),
+        ("rows", df.iloc[:100], "expected a multiple of 64 rows"),
+        ("no rows", df.iloc[:0], "got 0 rows"),
+        ("window length", t.raw[:, :32], "expected an array [n, 64, 6] or [64, 6]"),
+        ("signal count", t.raw[:, :, :5], "got shape [40, 64, 5]"),
+        ("flat array", t.raw.reshape(-1, 6), "got shape [2560, 6]"),
+        ("NaN", nan, "1 NaN/inf value(s) in the signal columns, the first at row 70 (window 1)"),
+        ("inf", inf, "1 NaN/inf value(s) in the array, the first at window 1, sample 5"),
+        ("condition varies", varying, "expected DOC constant within each window"),
+        ("partial condition", df.drop(columns=["feed", "material"]), "or none; got DOC without"),
+        ("text", text, "expected numbers in column 'smcAC'; got 'oops'"),
+        ("type", {"smcAC": [1.0]}, "got dict"),
+    ]
+
+
+def test_bad_inputs_give_one_line_errors(trained):
+    for label, bad, expected in _bad_inputs(trained):
+        with pytest.raises(MillvaeError) as err:
+            score_raw(trained.model, trained.config, bad)
+        message = str(err.value)
+        assert expected in message, (label, message)
+        assert "\n" not in message, label
+
+
+def test_detector_config_refuses_what_it_cannot_serve(trained):
+    t = trained
+    from millvae.prep import MinMaxScaler
+
+    scaler = MinMaxScaler.from_dict(t.config["scaler"])
+    ok = dict(scaler=scaler, normalizer=t.normalizer, thresholds=t.config["thresholds"])
+    cases = [
+        ({"decision_score": "mse_smcAC"}, "decision_score: expected one of"),
+        (
+            {"decision_score": "kl_cond", "thresholds": {"kl_cond": 1.0}},
+            "expected a finite threshold for 'kl'",
+        ),
+        (
+            {"decision_score": "kl", "thresholds": {"kl": float("nan")}},
+            "expected a finite threshold for 'kl'",
+        ),
+        (
+            {"decision_score": "mse_cond", "normalizer": ConditionNormalizer({})},
+            "expected statistics for 'mse'",
+        ),
+        ({"decision_score": "kl", "score_samples": -1}, "score_samples"),
+    ]
+    for change, expected in cases:
+        with pytest.raises(MillvaeError, match=expected):
+            detector_config(**{**ok, **change})
+    config = detector_config(**ok, decision_score="kl", score_samples=3)
+    assert json.loads(json.dumps(config)) == config
+    assert config["score_samples"] == 3 and config["window_size"] == 64
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import pickle, sys
+    import mlflow, numpy as np, pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    uri, path_in, path_out = sys.argv[1:4]
+    with open(path_in, "rb") as f:
+        frame, raw, bad = pickle.load(f)
+    model = mlflow.pyfunc.load_model(uri)
+    import millvae
+
+    out = {"millvae_file": millvae.__file__}
+    out["with_conditions"] = model.predict(frame)
+    out["without_conditions"] = model.predict(frame.drop(columns=["DOC", "feed", "material"]))
+    out["array_unwrapped"] = model.unwrap_python_model().predict(None, raw)
+    for key, data in (("array_pyfunc", raw), ("bad_pyfunc", bad)):
+        try:
+            model.predict(data)
+            out[key] = "no error"
+        except MlflowException as exc:
+            out[key] = (exc.error_code, exc.message)
+    with open(path_out, "wb") as f:
+        pickle.dump(out, f)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _assert_same(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    assert list(got.columns) == list(expected.columns)
+    numeric = [c for c in expected.columns if c not in ("decision", "is_anomaly")]
+    np.testing.assert_allclose(
+        got[numeric].to_numpy(dtype=float), expected[numeric].to_numpy(dtype=float), rtol=1e-6
+    )
+    assert got["decision"].tolist() == expected["decision"].tolist()
+    assert got["is_anomaly"].astype(bool).tolist() == expected["is_anomaly"].tolist()
+
+
+def test_logged_detector_loads_in_a_fresh_process_and_serves(trained, tracking, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    t = trained
+    frame = as_frame(t.raw, t.signals, t.conditions)
+    expected = score_raw(t.model, t.config, frame)
+    expected_plain = score_raw(t.model, t.config, t.raw)
+    bad = frame.iloc[:100]
+    with pytest.raises(MillvaeError) as err:
+        score_raw(t.model, t.config, bad)
+    bad_message = str(err.value)
+
+    with mlflow.start_run():
+        info = log_detector(t.model, t.config, example_raw=t.raw, example_conditions=t.conditions)
+    inputs = info.signature.inputs
+    assert inputs.required_input_names() == t.signals
+    assert inputs.optional_input_names() == list(CONDITION_COLUMNS)
+    assert "is_anomaly" in info.signature.outputs.input_names()
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert example.shape == (128, 9)
+    assert list(example.columns) == [*t.signals, *CONDITION_COLUMNS]
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"tensorflow", "keras-tcn", "mlflow"}
+
+    # a fresh interpreter: imports millvae from the model's own code copy
+    path_in, path_out = tmp_path / "in.pkl", tmp_path / "out.pkl"
+    pd.to_pickle((frame, t.raw, bad), path_in)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, info.model_uri, str(path_in), str(path_out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = pd.read_pickle(path_out)
+    assert "/code/millvae/" in Path(fresh["millvae_file"]).as_posix(), fresh["millvae_file"]
+    _assert_same(fresh["with_conditions"], expected)
+    _assert_same(fresh["without_conditions"], expected_plain)
+    _assert_same(fresh["array_unwrapped"], expected_plain)
+    # MLflow 3.17 enforces the column signature before the model: an array is refused there
+    assert fresh["array_pyfunc"][0] == "INVALID_PARAMETER_VALUE"
+    assert fresh["bad_pyfunc"] == ("INVALID_PARAMETER_VALUE", bad_message)
+
+    # the registry and `mlflow models serve` on loopback
+    name = "millvae-detector-test"
+    version = mlflow.register_model(info.model_uri, name).version
+    MlflowClient().set_registered_model_alias(name, "champion", version)
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log = (tmp_path / "serve.log").open("w")
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(
+        command,
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the workers go down with it
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the model server did not answer /ping"
+                time.sleep(0.5)
+
+        status, body = _post(f"{base}/invocations", {"dataframe_split": frame.to_dict("split")})
+        assert status == 200, body
+        _assert_same(pd.DataFrame(body["predictions"]), expected)
+
+        plain = frame[t.signals].iloc[: 5 * 64]
+        status, body = _post(f"{base}/invocations", {"dataframe_split": plain.to_dict("split")})
+        assert status == 200, body
+        _assert_same(pd.DataFrame(body["predictions"]), expected_plain.iloc[:5])
+
+        status, body = _post(f"{base}/invocations", {"dataframe_split": bad.to_dict("split")})
+        assert status == 400, body
+        assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+        # the server prefixes the data it got; the model's one-line message is the last line
+        assert body["message"].splitlines()[-1] == f"Error: {bad_message}"
+        assert "Traceback" not in json.dumps(body)
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """End the server's process group (it started it: uvicorn and its workers)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
