@@ -72,11 +72,12 @@ def train_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": None, "download": None, "baseline": None, "register": None}
+    commands = {"train": None, "download": None, "baseline": None, "register": None, "repeat": None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             "usage: millvae {train,baseline,register,download} [options]\n"
             "  train     train one β-VAE as one MLflow run (`millvae train --help`)\n"
+            "  repeat    one configuration over several split seeds, mean ± spread\n"
             "  baseline  PCA and Isolation Forest detectors on the same data and metrics\n"
             "  register  register the best run's detector in the Model Registry\n"
             "  download  fetch the NASA milling data into the cache",
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             from millvae.baseline import main as baseline_main
 
             return baseline_main(argv[1:])
+        if argv[0] == "repeat":
+            from millvae.repeat import main as repeat_main
+
+            return repeat_main(argv[1:])
         if argv[0] == "register":
             from millvae.register import main as register_main
 

@@ -79,6 +79,12 @@ def tracked_run(
                 f"pass --experiment-name {cfg.experiment} to `mlflow run` to file it there",
                 file=sys.stderr,
             )
+    elif nested and mlflow.active_run() is not None:
+        # children live beside their parent, wherever `mlflow run` put it
+        parent = mlflow.active_run()
+        run = mlflow.start_run(
+            experiment_id=parent.info.experiment_id, run_name=run_name, nested=True, tags=tags
+        )
     else:
         exp = mlflow.set_experiment(cfg.experiment)
         run = mlflow.start_run(

@@ -1,0 +1,59 @@
+"""`repeat`: one configuration over several split seeds, children under one parent."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from millvae.config import make_config
+from millvae.errors import MillvaeError
+from millvae.repeat import parse_seeds, run_repeat, summarize
+
+
+def test_summary_is_mean_std_min_max():
+    table = pd.DataFrame({"test_ap_kl": [0.2, 0.4, 0.9], "x": [np.nan, 1.0, np.nan]})
+    s = summarize(table)
+    assert s["mean_test_ap_kl"] == pytest.approx(0.5)
+    assert s["std_test_ap_kl"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
+    assert (s["min_test_ap_kl"], s["max_test_ap_kl"]) == (0.2, 0.9)
+    assert s["std_x"] == 0.0 and s["mean_x"] == 1.0
+
+
+def test_bad_seed_lists():
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "1,1", "a,b", "-1"):
+        with pytest.raises(MillvaeError, match="split_seeds"):
+            parse_seeds(bad)
+
+
+@pytest.mark.slow
+def test_repeat_trains_one_child_per_seed(tracking, synthetic_mat):
+    cfg = make_config(
+        data=str(synthetic_mat),
+        split="case",
+        epochs=2,
+        codings_size=4,
+        start_filter_no=8,
+        dilations="1,2",
+        bootstrap=20,
+    )
+    parent_id, table = run_repeat(cfg, [0, 1], verbose=0)
+    assert list(table["split_seed"]) == [0, 1]
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["split_seeds"] == "0,1"
+    children = mlflow.search_runs(
+        experiment_names=["millvae"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="list",
+    )
+    assert sorted(c.data.params["split_seed"] for c in children) == ["0", "1"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    values = [c.data.metrics["test_ap_kl"] for c in children]
+    assert parent.data.metrics["mean_test_ap_kl"] == pytest.approx(np.mean(values))
+
+
+def test_repeat_refuses_the_window_split(tracking, synthetic_mat):
+    with pytest.raises(MillvaeError, match="split=window"):
+        run_repeat(make_config(data=str(synthetic_mat), split="window"), [0, 1])
