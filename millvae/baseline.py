@@ -7,10 +7,7 @@ on simple per-window features. Both also get condition-aware scores, exactly lik
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -72,8 +69,8 @@ def run_baseline(cfg, pca_variance: float = 0.95, n_estimators: int = 200) -> st
     import mlflow
 
     from millvae.data import prepare
-    from millvae.evaluate import add_condition_scores, evaluate, write_plots
-    from millvae.train import PROTOCOLS, _log_data, tracked_run
+    from millvae.evaluate import add_condition_scores, evaluate_and_log
+    from millvae.train import _log_data, tracked_run
 
     name = f"baseline_pca-{pca_variance:g}_iforest-{n_estimators}_split-{cfg.split}"
     with tracked_run(cfg, run_name=name, tags={"model_type": "baseline"}) as run:
@@ -92,40 +89,14 @@ def run_baseline(cfg, pca_variance: float = 0.95, n_estimators: int = 200) -> st
         scores, _ = add_condition_scores(
             raw, prepared.windows.reset_index(drop=True), ["pca", "iforest"]
         )
-        ev = evaluate(
+        ev = evaluate_and_log(
             scores,
-            prepared.windows,
+            prepared,
             BASELINE_SCORES,
-            positive=cfg.positive,
-            threshold_method=cfg.threshold_method,
-            threshold_percentile=cfg.threshold_percentile,
-            n_boot=cfg.bootstrap,
-            seed=cfg.seed,
+            cfg,
+            title=f"{name} | {prepared.data_source} data",
+            extra_metrics={"pca_components": n_comp, "fit_seconds": time.perf_counter() - t0},
         )
-        mlflow.log_metrics(
-            {**ev.metrics, "pca_components": n_comp, "fit_seconds": time.perf_counter() - t0}
-        )
-        mlflow.set_tags(
-            {
-                "protocol": PROTOCOLS[cfg.split],
-                "decision_score": ev.decision_score,
-                "positive_class": cfg.positive,
-            }
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            title = f"{name} | {prepared.data_source} data"
-            for png in write_plots(ev, prepared.windows, tmp, positive=cfg.positive, title=title):
-                mlflow.log_artifact(str(png), "plots")
-            table = pd.concat(
-                [prepared.windows.reset_index(drop=True), ev.scores.reset_index(drop=True)], axis=1
-            )
-            table.to_csv(tmp / "window_scores.csv.gz", index=False)
-            mlflow.log_artifact(str(tmp / "window_scores.csv.gz"), "scores")
-            (tmp / "thresholds.json").write_text(
-                json.dumps({"decision_score": ev.decision_score, "thresholds": ev.thresholds})
-            )
-            mlflow.log_artifact(str(tmp / "thresholds.json"))
         summary = ", ".join(
             f"{s} {ev.metrics[f'test_ap_{s}']:.3f}"
             for s in BASELINE_SCORES

@@ -17,6 +17,11 @@ from millvae.data import Prepared
 from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
+PROTOCOLS = {
+    "window": "seed protocol: random stratified window split (leaks cuts across splits)",
+    "case": "leak-free: whole tools per split, failing tools divided between val and test",
+    "cut": "whole cuts per split, stratified by tool class",
+}
 
 
 @dataclass
@@ -214,3 +219,65 @@ def reconstruction_examples(model, prepared: Prepared, scores: pd.DataFrame) -> 
         recon = np.asarray(model(x, training=False))[0]
         out[name] = (x[0], recon)
     return out
+
+
+def evaluate_and_log(
+    scores: pd.DataFrame,
+    prepared: Prepared,
+    score_names: tuple[str, ...] | list[str],
+    cfg,
+    *,
+    title: str,
+    examples: dict | None = None,
+    extra_metrics: dict | None = None,
+) -> Evaluation:
+    """Evaluate with the run's settings and log metrics, tags, plots, scores and thresholds."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    ev = evaluate(
+        scores,
+        prepared.windows,
+        score_names,
+        positive=cfg.positive,
+        threshold_method=cfg.threshold_method,
+        threshold_percentile=cfg.threshold_percentile,
+        n_boot=cfg.bootstrap,
+        seed=cfg.seed,
+    )
+    mlflow.log_metrics({**ev.metrics, **(extra_metrics or {})})
+    mlflow.set_tags(
+        {
+            "protocol": PROTOCOLS[cfg.split],
+            "decision_score": ev.decision_score,
+            "positive_class": cfg.positive,
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_plots(
+            ev,
+            prepared.windows,
+            tmp,
+            positive=cfg.positive,
+            title=title,
+            examples=examples,
+            signal_names=prepared.signal_names,
+        )
+        for png in sorted(tmp.glob("*.png")):
+            mlflow.log_artifact(str(png), "plots")
+        table = pd.concat(
+            [prepared.windows.reset_index(drop=True), ev.scores.reset_index(drop=True)], axis=1
+        )
+        table.to_csv(tmp / "window_scores.csv.gz", index=False)
+        mlflow.log_artifact(str(tmp / "window_scores.csv.gz"), "scores")
+        summary = {
+            "decision_score": ev.decision_score,
+            "method": cfg.threshold_method,
+            "thresholds": ev.thresholds,
+        }
+        (tmp / "thresholds.json").write_text(json.dumps(summary, indent=2))
+        mlflow.log_artifact(str(tmp / "thresholds.json"))
+    return ev

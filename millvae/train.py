@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +41,6 @@ class TrainResult:
 
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def pip_requirements() -> list[str]:
-    """Exact versions of what the logged model needs (saves MLflow's slow inference step)."""
-    names = ["tensorflow", "keras", "keras-tcn", "numpy", "scipy", "pandas", "scikit-learn"]
-    out = []
-    for n in names:
-        try:
-            out.append(f"{n}=={importlib_metadata.version(n)}")
-        except importlib_metadata.PackageNotFoundError:
-            out.append(n)
-    return out
 
 
 @contextmanager
@@ -270,82 +257,29 @@ def train_run(
             mlflow.log_artifact(str(tmp / "loss_curves.png"), "plots")
             mlflow.log_artifact(str(tmp / "scaler.json"))
         log_keras_model(model, prepared)
-        result.evaluation = evaluate_and_log(model, prepared, cfg)
+        result.evaluation = evaluate_run(model, prepared, cfg)
     return result
 
 
-PROTOCOLS = {
-    "window": "seed protocol: random stratified window split (leaks cuts across splits)",
-    "case": "leak-free: whole tools per split, failing tools divided between val and test",
-    "cut": "whole cuts per split, stratified by tool class",
-}
-
-
-def evaluate_and_log(model, prepared: Prepared, cfg: TrainConfig):
+def evaluate_run(model, prepared: Prepared, cfg: TrainConfig):
     """Score every window, log detection metrics, plots, scores and the pyfunc detector."""
     import mlflow
 
     from millvae.detector import detector_config, log_detector
-    from millvae.evaluate import (
-        VAE_SCORES,
-        evaluate,
-        reconstruction_examples,
-        vae_scores,
-        write_plots,
-    )
+    from millvae.evaluate import VAE_SCORES, evaluate_and_log, reconstruction_examples, vae_scores
 
     t0 = time.perf_counter()
     scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
-    ev = evaluate(
+    ev = evaluate_and_log(
         scores,
-        prepared.windows,
+        prepared,
         VAE_SCORES,
-        positive=cfg.positive,
-        threshold_method=cfg.threshold_method,
-        threshold_percentile=cfg.threshold_percentile,
-        n_boot=cfg.bootstrap,
-        seed=cfg.seed,
+        cfg,
+        title=f"{cfg.run_name()} | split={cfg.split} | {prepared.data_source} data",
+        examples=reconstruction_examples(model, prepared, scores),
+        extra_metrics={"scoring_seconds": time.perf_counter() - t0},
     )
     ev.normalizer = normalizer
-    mlflow.log_metrics({**ev.metrics, "evaluation_seconds": time.perf_counter() - t0})
-    mlflow.set_tags(
-        {
-            "protocol": PROTOCOLS[cfg.split],
-            "decision_score": ev.decision_score,
-            "positive_class": cfg.positive,
-        }
-    )
-    title = f"{cfg.run_name()} | split={cfg.split} | {prepared.data_source} data"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        examples = reconstruction_examples(model, prepared, scores)
-        write_plots(
-            ev,
-            prepared.windows,
-            tmp,
-            positive=cfg.positive,
-            title=title,
-            examples=examples,
-            signal_names=prepared.signal_names,
-        )
-        for png in sorted(tmp.glob("*.png")):
-            mlflow.log_artifact(str(png), "plots")
-        table = pd.concat(
-            [prepared.windows.reset_index(drop=True), ev.scores.reset_index(drop=True)], axis=1
-        )
-        table.to_csv(tmp / "window_scores.csv.gz", index=False)
-        mlflow.log_artifact(str(tmp / "window_scores.csv.gz"), "scores")
-        (tmp / "thresholds.json").write_text(
-            json.dumps(
-                {
-                    "decision_score": ev.decision_score,
-                    "method": cfg.threshold_method,
-                    "thresholds": ev.thresholds,
-                },
-                indent=2,
-            )
-        )
-        mlflow.log_artifact(str(tmp / "thresholds.json"))
     d = ev.decision_score
     if d not in ev.thresholds or d.removesuffix("_cond") not in ev.thresholds:
         # without both classes on validation no threshold can be chosen honestly
@@ -408,6 +342,7 @@ def log_keras_model(model, prepared: Prepared) -> None:
     import mlflow
     from mlflow.models import infer_signature
 
+    from millvae.detector import pip_requirements as detector_pip_requirements
     from millvae.model import CUSTOM_OBJECTS
 
     example = prepared.get("val")[:2]
@@ -421,7 +356,7 @@ def log_keras_model(model, prepared: Prepared) -> None:
         input_example=example,
         custom_objects=CUSTOM_OBJECTS,
         code_paths=[str(Path(millvae.__file__).parent)],
-        pip_requirements=pip_requirements(),
+        pip_requirements=detector_pip_requirements(),
         metadata={
             "millvae_scaler": prepared.scaler.to_dict(),
             "data_source": prepared.data_source,
