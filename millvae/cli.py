@@ -72,11 +72,19 @@ def train_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": None, "download": None, "baseline": None, "register": None, "repeat": None}
+    commands = {
+        "search": None,
+        "train": None,
+        "download": None,
+        "baseline": None,
+        "register": None,
+        "repeat": None,
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             "usage: millvae {train,baseline,register,download} [options]\n"
             "  train     train one β-VAE as one MLflow run (`millvae train --help`)\n"
+            "  search    random search: one run per ParameterSampler draw, parallel, resumable\n"
             "  repeat    one configuration over several split seeds, mean ± spread\n"
             "  baseline  PCA and Isolation Forest detectors on the same data and metrics\n"
             "  register  register the best run's detector in the Model Registry\n"
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             from millvae.baseline import main as baseline_main
 
             return baseline_main(argv[1:])
+        if argv[0] == "search":
+            from millvae.search import main as search_main
+
+            return search_main(argv[1:])
         if argv[0] == "repeat":
             from millvae.repeat import main as repeat_main
 

@@ -45,7 +45,12 @@ def _quiet_tensorflow() -> None:
 
 @contextmanager
 def tracked_run(
-    cfg: TrainConfig, *, nested: bool = False, tags: dict | None = None, run_name: str | None = None
+    cfg: TrainConfig,
+    *,
+    nested: bool = False,
+    tags: dict | None = None,
+    run_name: str | None = None,
+    experiment_id: str | None = None,
 ) -> Iterator:
     """Start (or continue, under `mlflow run`) a run; any failure ends it FAILED with the reason.
 
@@ -56,7 +61,10 @@ def tracked_run(
 
     run_name = run_name or cfg.run_name()
     existing = os.environ.get("MLFLOW_RUN_ID")
-    if existing and not nested:
+    if experiment_id is not None:
+        # a search trial: always a new run in the search's experiment, never the driver's run
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    elif existing and not nested:
         run = mlflow.start_run(run_id=existing)
         exp = mlflow.get_experiment(run.info.experiment_id)
         if exp is not None and exp.name != cfg.experiment:
@@ -214,12 +222,16 @@ def train_run(
     nested: bool = False,
     tags: dict | None = None,
     verbose: int = 2,
+    run_name: str | None = None,
+    experiment_id: str | None = None,
 ) -> TrainResult:
     """Prepare data (unless given), train and log everything to one MLflow run."""
     _quiet_tensorflow()
     import mlflow
 
-    with tracked_run(cfg, nested=nested, tags=tags) as run:
+    with tracked_run(
+        cfg, nested=nested, tags=tags, run_name=run_name, experiment_id=experiment_id
+    ) as run:
         log_params_once(cfg)
         mlflow.set_tags({"millvae.version": millvae.__version__, "model_type": "beta_vae"})
         if prepared is None:

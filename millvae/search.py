@@ -1,0 +1,637 @@
+"""The `search` entry point: a random search whose trials are `ParameterSampler` draws.
+
+One parent run per search and one child run per trial, trained by the same `train_run` as
+`main`. Trial i is always the i-th draw of `ParameterSampler(space, n_iter, random_state=seed)`,
+so running the same search again skips FINISHED trials and redoes the rest; shard k of n runs
+the trials i ≡ k (mod n) against a shared tracking server. Workers are processes that import
+TensorFlow once, keep prepared data in memory and split the machine's cores between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from millvae.config import PARAM_HELP, PARAM_NAMES
+from millvae.errors import MillvaeError
+
+SEARCH_ID_TAG = "millvae.search_id"
+PARENT_TAG = "millvae.search_parent"
+TRIAL_TAG = "millvae.trial_index"
+PID_TAG = "millvae.worker_pid"
+HOST_TAG = "millvae.host"
+# The seed's random search (plus the final activation, which the paper also searched).
+DEFAULT_SPACE = {
+    "beta": {"uniform": [0.5, 9.0]},
+    "codings_size": {"randint": [5, 40]},
+    "conv_layers": [1, 2, 3],
+    "start_filter_no": {"randint": [16, 128]},
+    "dilations": ["1,2,4,8", "1,2,4", "1,2"],
+    "kernel_size": {"randint": [2, 9]},
+    "earlystop_patience": {"randint": [30, 50]},
+    "final_activation": ["sigmoid", "selu"],
+}
+# Parameters that shape the prepared windows: trials sharing them share one Prepared in a worker.
+PREP_PARAMS = (
+    "data",
+    "signals",
+    "labels",
+    "window_size",
+    "stride",
+    "split",
+    "split_seed",
+    "healthy_max_vb",
+    "failed_min_vb",
+)
+
+
+def space_from_spec(spec: Mapping) -> dict:
+    """Turn a JSON/YAML space ({name: list | {uniform: [loc, scale]} | {randint: [lo, hi]}})
+    into what `ParameterSampler` takes."""
+    from scipy import stats
+
+    out = {}
+    for name, value in spec.items():
+        if name not in PARAM_NAMES:
+            raise MillvaeError(f"space: unknown parameter {name!r}; expected some of {PARAM_NAMES}")
+        if isinstance(value, list):
+            if not value:
+                raise MillvaeError(f"space: {name}: expected a non-empty list of choices")
+            out[name] = value
+        elif isinstance(value, Mapping) and len(value) == 1:
+            ((kind, args),) = value.items()
+            try:
+                if kind == "uniform":
+                    out[name] = stats.uniform(*args)
+                elif kind == "loguniform":
+                    out[name] = stats.loguniform(*args)
+                elif kind == "randint":
+                    out[name] = stats.randint(*args)
+                else:
+                    raise MillvaeError(
+                        f"space: {name}: expected uniform, loguniform or randint; got {kind!r}"
+                    )
+            except TypeError:
+                raise MillvaeError(f"space: {name}: bad arguments {args!r} for {kind}") from None
+        else:
+            raise MillvaeError(
+                f"space: {name}: expected a list of choices or {{uniform|randint: [a, b]}}; "
+                f"got {value!r}"
+            )
+    return out
+
+
+def load_space(path: str) -> dict:
+    """The space spec from a YAML or JSON file ('' = the seed's space)."""
+    if not path:
+        return dict(DEFAULT_SPACE)
+    p = Path(path)
+    if not p.is_file():
+        raise MillvaeError(f"space: expected a YAML or JSON file; got {path!r} (no such file)")
+    import yaml
+
+    try:
+        spec = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise MillvaeError(f"space: could not parse {p.name}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(spec, Mapping) or not spec:
+        raise MillvaeError(f"space: expected a mapping of parameter names in {p.name}")
+    return dict(spec)
+
+
+def sample_trials(spec: Mapping, n_iter: int, seed: int) -> list[dict]:
+    """The search's trials, in order: trial i is the i-th ParameterSampler draw."""
+    from sklearn.model_selection import ParameterSampler
+
+    trials = []
+    for draw in ParameterSampler(space_from_spec(spec), n_iter, random_state=seed):
+        trials.append({k: _plain(v) for k, v in sorted(draw.items())})
+    return trials
+
+
+def _plain(v):
+    import numpy as np
+
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return round(float(v), 6)  # a stable, readable param string
+    return v
+
+
+def default_search_id(spec: Mapping, n_iter: int, seed: int, overrides: Mapping) -> str:
+    blob = json.dumps([spec, n_iter, seed, overrides], sort_keys=True, default=str)
+    return f"s{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+
+
+def shard_from_env(shard: int | None, n_shards: int) -> int:
+    if shard is not None:
+        return shard
+    for var in ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"):
+        if os.environ.get(var, "").strip():
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                raise MillvaeError(f"{var}: expected an integer; got {os.environ[var]!r}") from None
+    return 0
+
+
+@dataclass
+class Search:
+    search_id: str
+    experiment_id: str
+    parent_id: str
+    trials: list[dict]
+    overrides: dict
+    metric: str
+    shard: int = 0
+    n_shards: int = 1
+    stale_minutes: float = 30.0
+    driver_run_id: str = ""  # the run `mlflow run -e search` made for this process, if any
+    counts: dict = field(default_factory=dict)
+
+    def my_indices(self) -> list[int]:
+        return [i for i in range(len(self.trials)) if i % self.n_shards == self.shard]
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def _children(client, search: Search) -> list:
+    runs = client.search_runs(
+        [search.experiment_id],
+        filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search.search_id}'",
+        max_results=50000,
+    )
+    return [r for r in runs if TRIAL_TAG in r.data.tags]
+
+
+def _parents(client, experiment_id: str, search_id: str) -> list:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search_id}' and tags.`{PARENT_TAG}` = 'true'",
+        max_results=100,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def open_parent(client, experiment_id: str, search_id: str, description: dict) -> str:
+    """Find or create the search's parent run; concurrent shards agree on the oldest one."""
+    found = _parents(client, experiment_id, search_id)
+    if not found:
+        driver = os.environ.get("MLFLOW_RUN_ID")
+        tags = {SEARCH_ID_TAG: search_id, PARENT_TAG: "true", "model_type": "search"}
+        if driver:  # `mlflow run -e search` made a run for us: it becomes the parent
+            run_id = driver
+            for k, v in tags.items():
+                client.set_tag(run_id, k, v)
+        else:
+            run_id = client.create_run(
+                experiment_id, run_name=f"search-{search_id}", tags=tags
+            ).info.run_id
+        have = client.get_run(run_id).data.params
+        for k, v in description.items():
+            if k not in have:
+                client.log_param(run_id, k, v)
+        found = _parents(client, experiment_id, search_id)
+        if found[0].info.run_id != run_id and run_id != driver:
+            client.delete_run(run_id)  # lost the race with another shard
+    parent = found[0]
+    for k in ("n_iter", "seed", "space"):
+        old = parent.data.params.get(k)
+        if old is not None and old != description[k]:
+            raise MillvaeError(
+                f"search_id {search_id!r} was started with {k}={old}; got {description[k]} "
+                "(use another search_id for another search)"
+            )
+    return parent.info.run_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_trials(client, search: Search) -> int:
+    """Trials left RUNNING by a worker that died (SIGKILL, OOM, lost machine) become KILLED."""
+    host = socket.gethostname()
+    now = time.time() * 1000
+    reaped = 0
+    for run in _children(client, search):
+        if run.info.status != "RUNNING":
+            continue
+        tags = run.data.tags
+        pid = int(tags.get(PID_TAG, "0") or 0)
+        if tags.get(HOST_TAG) == host:
+            dead = pid <= 0 or not _alive(pid) or pid == os.getpid()
+        else:
+            last = max(
+                [m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")]
+                or [run.info.start_time]
+            )
+            dead = now - last > search.stale_minutes * 60_000
+        if dead:
+            client.set_tag(
+                run.info.run_id, "millvae.error", "worker died (process gone or no heartbeat)"
+            )
+            client.set_terminated(run.info.run_id, status="KILLED")
+            reaped += 1
+    return reaped
+
+
+def pending_trials(client, search: Search) -> list[int]:
+    finished = set()
+    for run in _children(client, search):
+        if run.info.status == "FINISHED":
+            finished.add(int(run.data.tags.get(TRIAL_TAG, -1)))
+    return [i for i in search.my_indices() if i not in finished]
+
+
+def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict:
+    """Train trial `index` as one child run; a failure is recorded, never raised."""
+    import mlflow
+
+    from millvae.config import make_config
+    from millvae.data import prepare
+    from millvae.train import train_run
+
+    params = {**search.trials[index], **search.overrides}
+    tags = {
+        "mlflow.parentRunId": search.parent_id,
+        SEARCH_ID_TAG: search.search_id,
+        TRIAL_TAG: str(index),
+        PID_TAG: str(os.getpid()),
+        HOST_TAG: socket.gethostname(),
+    }
+    t0 = time.perf_counter()
+    try:
+        cfg = make_config(**params)
+    except MillvaeError as exc:  # an invalid combination: rejected before any training
+        client = _client()
+        run = client.create_run(search.experiment_id, tags=tags, run_name=f"trial-{index:04d}")
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, str(v))
+        client.set_tag(run.info.run_id, "millvae.error", f"invalid parameters: {exc}")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        return {"index": index, "status": "FAILED", "error": str(exc), "run_id": run.info.run_id}
+    try:
+        key = tuple(getattr(cfg, p) for p in PREP_PARAMS)
+        if key not in cache:
+            cache.clear()  # one preparation held at a time keeps a worker's memory flat
+            cache[key] = prepare(cfg)
+        res = train_run(
+            cfg,
+            prepared=cache[key],
+            tags=tags,
+            run_name=f"trial-{index:04d}_{cfg.run_name()}",
+            experiment_id=search.experiment_id,
+            verbose=verbose,
+        )
+        m = mlflow.get_run(res.run_id).data.metrics
+        return {
+            "index": index,
+            "status": "FINISHED",
+            "run_id": res.run_id,
+            "metric": m.get(search.metric),
+            "seconds": time.perf_counter() - t0,
+            "fit_seconds": res.training_seconds,
+        }
+    except Exception as exc:  # train_run already ended the run FAILED with the reason
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {"index": index, "status": "FAILED", "error": first}
+    finally:
+        try:
+            import keras
+
+            keras.backend.clear_session()  # no graph growth across a worker's trials
+        except Exception:
+            pass
+
+
+def _configure_threads(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1" if threads == 1 else "2"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _worker_main(search: Search, tasks, results, threads: int) -> None:
+    _configure_threads(threads)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # the driver's run is not ours to continue
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+    import warnings
+
+    warnings.simplefilter("ignore")
+    import logging
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    cache: dict = {}
+    while True:
+        index = tasks.get()
+        if index is None:
+            return
+        results.put({"index": index, "status": "RUNNING", "pid": os.getpid()})
+        results.put(run_trial(search, index, cache))
+
+
+class Progress:
+    """A live line: done / failed / running, best validation metric so far, ETA."""
+
+    def __init__(self, total: int, metric: str, stream=sys.stderr):
+        self.total, self.metric, self.stream = total, metric, stream
+        self.done = self.failed = self.running = 0
+        self.best: tuple[float, int] | None = None
+        self.t0 = time.perf_counter()
+        self.tty = stream.isatty()
+
+    def update(self, result: dict) -> None:
+        status = result["status"]
+        if status == "RUNNING":
+            self.running += 1
+        else:
+            self.running = max(0, self.running - 1)
+            if status == "FINISHED":
+                self.done += 1
+                v = result.get("metric")
+                if v is not None and (self.best is None or v > self.best[0]):
+                    self.best = (v, result["index"])
+            else:
+                self.failed += 1
+        self.show(final=False, last=result)
+
+    def show(self, final: bool, last: dict | None = None) -> None:
+        ended = self.done + self.failed
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / ended * (self.total - ended) if ended else float("nan")
+        best = f"{self.best[0]:.4f} (trial {self.best[1]})" if self.best else "-"
+        line = (
+            f"search: {ended}/{self.total} ended ({self.done} finished, {self.failed} failed), "
+            f"{self.running} running | best {self.metric} {best} | "
+            f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min"
+        )
+        if last and last.get("status") == "FAILED":
+            line += f" | trial {last['index']} failed: {last.get('error', '')[:80]}"
+        if self.tty and not final:
+            self.stream.write("\r\033[K" + line)
+        elif last is None or last.get("status") != "RUNNING" or final:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
+    """Run this shard's pending trials with `workers` processes (0 = in this process)."""
+    client = _client()
+    reaped = reap_dead_trials(client, search)
+    todo = pending_trials(client, search)
+    if reaped:
+        print(f"search: {reaped} trial(s) left RUNNING by a dead worker marked KILLED; retrying")
+    print(
+        f"search {search.search_id}: {len(search.my_indices())} trials in shard "
+        f"{search.shard}/{search.n_shards}, {len(todo)} to run, parent run {search.parent_id}",
+        flush=True,
+    )
+    progress = Progress(len(todo), search.metric)
+    if not todo:
+        return progress
+    if workers <= 0:
+        cache: dict = {}
+        for i in todo:
+            progress.update({"index": i, "status": "RUNNING"})
+            progress.update(run_trial(search, i, cache, verbose=verbose))
+        progress.show(final=True)
+        return progress
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # TensorFlow does not survive fork
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for i in todo:
+        tasks.put(i)
+    n = min(workers, len(todo))
+    for _ in range(n):
+        tasks.put(None)
+    threads = max(1, _cpu_count() // n)
+    procs = [
+        ctx.Process(target=_worker_main, args=(search, tasks, results, threads)) for _ in range(n)
+    ]
+    for p in procs:
+        p.start()
+    ended = 0
+    try:
+        while ended < len(todo):
+            try:
+                r = results.get(timeout=5)
+            except Exception:
+                if not any(p.is_alive() for p in procs):
+                    break  # every worker died; what is left RUNNING is reaped on the next start
+                continue
+            progress.update(r)
+            if r["status"] != "RUNNING":
+                ended += 1
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    progress.show(final=True)
+    return progress
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def summarize(search: Search, top: int = 10) -> dict:
+    """Log the summary on the parent; end it FINISHED once every trial has ended."""
+    import tempfile
+
+    import pandas as pd
+
+    client = _client()
+    rows = []
+    for run in _children(client, search):
+        m, p = run.data.metrics, run.data.params
+        rows.append(
+            {
+                "trial_index": int(run.data.tags.get(TRIAL_TAG, -1)),
+                "status": run.info.status,
+                "run_id": run.info.run_id,
+                search.metric: m.get(search.metric),
+                "test_ap_kl": m.get("test_ap_kl"),
+                "best_val_loss": m.get("best_val_loss"),
+                "epochs_trained": m.get("epochs_trained"),
+                **{k: p.get(k) for k in sorted(search.trials[0]) if search.trials},
+            }
+        )
+    table = pd.DataFrame(rows)
+    total = len(search.trials)
+    finished = table[table["status"] == "FINISHED"] if len(table) else table
+    n_finished = finished["trial_index"].nunique() if len(finished) else 0
+    ended_idx = set(finished["trial_index"]) if len(finished) else set()
+    failed_only = set()
+    if len(table):
+        failed_only = set(table.loc[table["status"].isin(["FAILED", "KILLED"]), "trial_index"])
+        failed_only -= ended_idx
+    stats = {"n_trials": total, "n_finished": n_finished, "n_failed": len(failed_only)}
+    pid = search.parent_id
+    for k, v in stats.items():
+        client.log_metric(pid, k, v)
+    if n_finished:
+        ranked = finished.dropna(subset=[search.metric]).sort_values(
+            search.metric, ascending="loss" in search.metric
+        )
+        if len(ranked):
+            best = ranked.iloc[0]
+            client.set_tag(pid, "best_run_id", best["run_id"])
+            client.set_tag(pid, "best_trial_index", str(best["trial_index"]))
+            client.log_metric(pid, f"best_{search.metric}", float(best[search.metric]))
+            stats["best_run_id"] = best["run_id"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "summary.csv"
+            ranked.head(top).to_csv(path, index=False)
+            client.log_artifact(pid, str(path))
+            table.sort_values("trial_index").to_csv(Path(tmp) / "all_trials.csv", index=False)
+            client.log_artifact(pid, str(Path(tmp) / "all_trials.csv"))
+        print(
+            ranked.head(top)[["trial_index", search.metric, "test_ap_kl", "run_id"]].to_string(
+                index=False
+            )
+        )
+    if n_finished + len(failed_only) >= total and search.driver_run_id != pid:
+        client.set_terminated(pid, status="FINISHED")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    from millvae.cli import _Parser
+
+    p = _Parser(prog="millvae search", description="Random search of β-VAEs, one run per trial.")
+    p.add_argument("--n_iter", default="50", help="number of trials")
+    p.add_argument("--seed", dest="search_seed", default="135", help="ParameterSampler seed")
+    p.add_argument("--workers", default="1", help="worker processes (0 = in this process)")
+    p.add_argument("--space", default="", help="YAML/JSON search space ('' = the seed's)")
+    p.add_argument("--experiment", default="millvae", help="MLflow experiment")
+    p.add_argument("--search_id", default="", help="names the search ('' = from its definition)")
+    p.add_argument(
+        "--shard",
+        default="",
+        help="this shard (default: JOB_COMPLETION_INDEX, SLURM_ARRAY_TASK_ID or 0)",
+    )
+    p.add_argument("--n_shards", default="1", help="number of shards")
+    p.add_argument("--metric", default="val_ap_kl", help="validation metric that ranks trials")
+    p.add_argument(
+        "--stale_minutes",
+        default="30",
+        help="a trial of another host with no progress for this long is dead",
+    )
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--train_seed", default=None, help="fixed training `seed` of every trial")
+    for name in PARAM_NAMES:
+        if name not in ("experiment", "seed"):
+            p.add_argument(
+                f"--{name}", default=None, help=f"fixed for every trial: {PARAM_HELP[name]}"
+            )
+    args = vars(p.parse_args(argv))
+
+    def as_int(name: str, low: int) -> int:
+        try:
+            v = int(float(args[name]))
+        except (TypeError, ValueError):
+            raise MillvaeError(f"{name}: expected an integer; got {args[name]!r}") from None
+        if v < low:
+            raise MillvaeError(f"{name}: expected >= {low}; got {v}")
+        return v
+
+    n_iter, seed = as_int("n_iter", 1), as_int("search_seed", 0)
+    workers, n_shards = as_int("workers", 0), as_int("n_shards", 1)
+    shard = shard_from_env(
+        as_int("shard", 0) if args["shard"] not in ("", None) else None, n_shards
+    )
+    if not 0 <= shard < n_shards:
+        raise MillvaeError(f"shard: expected 0 <= shard < n_shards = {n_shards}; got {shard}")
+    try:
+        stale = float(args["stale_minutes"])
+    except ValueError:
+        raise MillvaeError(
+            f"stale_minutes: expected a number; got {args['stale_minutes']!r}"
+        ) from None
+    metric = str(args["metric"]).strip()
+    if not metric.startswith("val_") and metric not in ("best_val_loss",):
+        raise MillvaeError(f"metric: selection uses validation metrics only; got {metric!r}")
+    overrides = {
+        k: args[k]
+        for k in PARAM_NAMES
+        if k not in ("experiment", "seed") and args.get(k) is not None
+    }
+    if args["train_seed"] is not None:
+        overrides["seed"] = args["train_seed"]
+    overrides["experiment"] = args["experiment"]
+    spec = load_space(args["space"])
+    clash = sorted(set(spec) & set(overrides))
+    if clash:
+        raise MillvaeError(f"parameters both searched and fixed: {', '.join(clash)}")
+    trials = sample_trials(spec, n_iter, seed)
+    from millvae.config import make_config
+
+    # overrides are validated once, up front, with defaults standing in for the sampled values
+    make_config(**overrides)
+    search_id = args["search_id"] or default_search_id(spec, n_iter, seed, overrides)
+
+    import mlflow
+
+    exp = mlflow.set_experiment(args["experiment"])
+    client = _client()
+    description = {
+        "n_iter": str(n_iter),
+        "seed": str(seed),
+        "space": json.dumps(spec, sort_keys=True),
+        "overrides": json.dumps(overrides, sort_keys=True),
+        "metric": metric,
+        "search_id": search_id,
+    }
+    parent = open_parent(client, exp.experiment_id, search_id, description)
+    # trials must never continue the driver's run (mlflow.start_run reads MLFLOW_RUN_ID)
+    driver = os.environ.pop("MLFLOW_RUN_ID", "")
+    if driver and driver != parent:
+        client.set_tag(driver, "millvae.search_parent_run", parent)
+        client.set_tag(driver, SEARCH_ID_TAG + "_driver", search_id)
+    search = Search(
+        search_id,
+        exp.experiment_id,
+        parent,
+        trials,
+        overrides,
+        metric,
+        shard,
+        n_shards,
+        stale,
+        driver_run_id=driver,
+    )
+    run_search(search, workers)
+    stats = summarize(search)
+    print(
+        f"search {search_id}: {stats['n_finished']}/{stats['n_trials']} trials finished, "
+        f"{stats['n_failed']} failed; parent run {parent}"
+    )
+    return 0

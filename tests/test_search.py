@@ -1,0 +1,218 @@
+"""The random search: sampler trials, failures isolated, resume after SIGKILL, 4 workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from scipy import stats
+from sklearn.model_selection import ParameterSampler
+
+from millvae.errors import MillvaeError
+from millvae.search import DEFAULT_SPACE, load_space, main, sample_trials, space_from_spec
+
+TINY_SPACE = """
+beta: {uniform: [0.5, 9.0]}
+codings_size: {randint: [2, 6]}
+conv_layers: [1]
+start_filter_no: {randint: [4, 9]}
+dilations: ["1,2"]
+kernel_size: [2]
+earlystop_patience: [%d]
+"""
+
+
+@pytest.fixture(scope="module")
+def small_mat(tmp_path_factory):
+    from millvae.synthetic import write_synthetic_mat
+
+    path = tmp_path_factory.mktemp("search") / "small.mat"
+    return write_synthetic_mat(path, seed=0, cases=[1, 5, 9, 13, 3, 11])
+
+
+def _space(tmp_path, patience=2, extra=""):
+    p = tmp_path / "space.yaml"
+    p.write_text(TINY_SPACE % patience + extra)
+    return str(p)
+
+
+def _children(search_id):
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`millvae.search_id` = '{search_id}'",
+        output_format="list",
+    )
+    return [r for r in runs if "millvae.trial_index" in r.data.tags]
+
+
+def _finished_once(search_id, n):
+    runs = _children(search_id)
+    fin = sorted(
+        int(r.data.tags["millvae.trial_index"]) for r in runs if r.info.status == "FINISHED"
+    )
+    assert fin == list(range(n)), fin
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    return runs
+
+
+def test_trial_i_is_the_ith_parameter_sampler_draw():
+    trials = sample_trials(DEFAULT_SPACE, 20, 135)
+    assert trials == sample_trials(DEFAULT_SPACE, 20, 135)
+    ref = list(ParameterSampler(space_from_spec(DEFAULT_SPACE), 20, random_state=135))
+    for t, r in zip(trials, ref, strict=True):
+        assert t["conv_layers"] == r["conv_layers"] and t["dilations"] == r["dilations"]
+        assert t["beta"] == pytest.approx(r["beta"], abs=1e-6)
+    assert all(0.5 <= t["beta"] <= 9.5 and 5 <= t["codings_size"] <= 39 for t in trials)
+    assert all(16 <= t["start_filter_no"] <= 127 and 2 <= t["kernel_size"] <= 8 for t in trials)
+    assert all(30 <= t["earlystop_patience"] <= 49 for t in trials)
+    assert {t["final_activation"] for t in trials} == {"sigmoid", "selu"}
+    assert isinstance(
+        space_from_spec({"beta": {"uniform": [1, 2]}})["beta"].dist, type(stats.uniform)
+    )
+
+
+def test_space_errors(tmp_path):
+    with pytest.raises(MillvaeError, match="unknown parameter 'bogus'"):
+        space_from_spec({"bogus": [1]})
+    with pytest.raises(MillvaeError, match="expected uniform, loguniform or randint"):
+        space_from_spec({"beta": {"normal": [0, 1]}})
+    with pytest.raises(MillvaeError, match="no such file"):
+        load_space(str(tmp_path / "nope.yaml"))
+    with pytest.raises(MillvaeError, match="both searched and fixed: beta"):
+        main(["--n_iter", "1", "--beta", "2"])
+
+
+@pytest.mark.slow
+def test_failed_trials_do_not_stop_the_search_and_resume_skips_finished(
+    tracking, small_mat, tmp_path, capsys
+):
+    # conv_layers 9 is invalid (max 6): those trials must be rejected before training
+    space = _space(tmp_path, extra="")
+    space_text = open(space).read().replace("conv_layers: [1]", "conv_layers: [1, 9]")
+    open(space, "w").write(space_text)
+    argv = [
+        "--n_iter",
+        "4",
+        "--seed",
+        "3",
+        "--workers",
+        "0",
+        "--space",
+        space,
+        "--data",
+        str(small_mat),
+        "--epochs",
+        "2",
+        "--bootstrap",
+        "0",
+        "--search_id",
+        "f1",
+    ]
+    assert main(argv) == 0
+    runs = _children("f1")
+    bad = {int(r.data.tags["millvae.trial_index"]) for r in runs if r.info.status == "FAILED"}
+    good = {int(r.data.tags["millvae.trial_index"]) for r in runs if r.info.status == "FINISHED"}
+    trials = sample_trials(load_space(space), 4, 3)
+    assert bad == {i for i, t in enumerate(trials) if t["conv_layers"] == 9} and bad
+    assert good == set(range(4)) - bad
+    for r in runs:
+        if r.info.status == "FAILED":
+            assert "conv_layers" in r.data.tags["millvae.error"]
+    n_before = len(runs)
+    assert main(argv) == 0  # resume: finished trials are skipped, failed ones retried
+    runs = _children("f1")
+    assert len(runs) == n_before + len(bad)
+    parent = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`millvae.search_id` = 'f1' and tags.`millvae.search_parent` = 'true'",
+        output_format="list",
+    )
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.metrics["n_failed"] == len(bad)
+    assert parent[0].data.tags["best_run_id"] in {r.info.run_id for r in runs}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in runs)
+
+
+def _search_proc(tmp_path, small_mat, search_id, workers, n_iter, patience, epochs):
+    env = os.environ.copy()
+    cmd = [
+        sys.executable,
+        "-m",
+        "millvae",
+        "search",
+        "--n_iter",
+        str(n_iter),
+        "--seed",
+        "11",
+        "--workers",
+        str(workers),
+        "--space",
+        _space(tmp_path, patience),
+        "--data",
+        str(small_mat),
+        "--epochs",
+        str(epochs),
+        "--bootstrap",
+        "0",
+        "--search_id",
+        search_id,
+    ]
+    # output to a file: an unread pipe fills up with TensorFlow chatter and blocks the search
+    log = open(tmp_path / f"{search_id}-{time.time_ns()}.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    proc.log = log
+    return proc
+
+
+def _finish(proc, timeout):
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_resumes_with_every_trial_finished_once(
+    tracking, small_mat, tmp_path
+):
+    proc = _search_proc(tmp_path, small_mat, "k1", 1, 2, 50, 40)
+    deadline = time.time() + 480
+    try:
+        while time.time() < deadline:
+            running = [r for r in _children("k1") if r.info.status == "RUNNING"]
+            if running and mlflow.MlflowClient().get_metric_history(running[0].info.run_id, "loss"):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no trial started training in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker, no cleanup possible
+        proc.wait()
+    assert [r.info.status for r in _children("k1")] == ["RUNNING"]
+    again = _search_proc(tmp_path, small_mat, "k1", 1, 2, 50, 40)
+    out = _finish(again, 600)
+    assert again.returncode == 0, out[-3000:]
+    assert "marked KILLED" in out
+    runs = _finished_once("k1", 2)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
+
+
+@pytest.mark.slow
+def test_four_workers_on_the_default_sqlite_store(tracking, small_mat, tmp_path):
+    proc = _search_proc(tmp_path, small_mat, "w4", 4, 8, 2, 2)
+    out = _finish(proc, 900)
+    assert proc.returncode == 0, out[-3000:]
+    assert "database is locked" not in out
+    runs = _finished_once("w4", 8)
+    assert len(runs) == 8
+    for r in runs:
+        assert "val_ap_kl" in r.data.metrics and "best_val_loss" in r.data.metrics
+        hist = mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_loss")
+        assert [m.step for m in hist] == list(range(1, len(hist) + 1)) and hist
+    assert len({r.data.tags["millvae.worker_pid"] for r in runs}) > 1
