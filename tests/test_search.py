@@ -163,7 +163,7 @@ def _search_proc(tmp_path, small_mat, search_id, workers, n_iter, patience, epoc
         search_id,
     ]
     # output to a file: an unread pipe fills up with TensorFlow chatter and blocks the search
-    log = open(tmp_path / f"{search_id}-{time.time_ns()}.log", "w+")  # noqa: SIM115
+    log = open(tmp_path / f"{search_id}-{time.time_ns()}.log", "w+")
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
