@@ -193,6 +193,7 @@ def open_parent(client, experiment_id: str, search_id: str, description: dict) -
         tags = {SEARCH_ID_TAG: search_id, PARENT_TAG: "true", "model_type": "search"}
         if driver:  # `mlflow run -e search` made a run for us: it becomes the parent
             run_id = driver
+            tags["mlflow.runName"] = f"search-{search_id}"
             for k, v in tags.items():
                 client.set_tag(run_id, k, v)
         else:
@@ -201,14 +202,15 @@ def open_parent(client, experiment_id: str, search_id: str, description: dict) -
             ).info.run_id
         have = client.get_run(run_id).data.params
         for k, v in description.items():
-            if k not in have:
+            client.set_tag(run_id, f"millvae.search.{k}", v)
+            if k not in have:  # `mlflow run` may have logged some as -P values already
                 client.log_param(run_id, k, v)
         found = _parents(client, experiment_id, search_id)
         if found[0].info.run_id != run_id and run_id != driver:
             client.delete_run(run_id)  # lost the race with another shard
     parent = found[0]
-    for k in ("n_iter", "seed", "space"):
-        old = parent.data.params.get(k)
+    for k in ("n_iter", "seed", "search_space", "overrides"):
+        old = parent.data.tags.get(f"millvae.search.{k}")
         if old is not None and old != description[k]:
             raise MillvaeError(
                 f"search_id {search_id!r} was started with {k}={old}; got {description[k]} "
@@ -605,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     description = {
         "n_iter": str(n_iter),
         "seed": str(seed),
-        "space": json.dumps(spec, sort_keys=True),
+        "search_space": json.dumps(spec, sort_keys=True),
         "overrides": json.dumps(overrides, sort_keys=True),
         "metric": metric,
         "search_id": search_id,
