@@ -12,21 +12,13 @@ import time
 import numpy as np
 import pandas as pd
 
-from millvae.config import PARAM_DEFAULTS, PARAM_HELP, make_config
+from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PREP_PARAMS, make_config
 from millvae.errors import MillvaeError
 
 BASELINE_SCORES = ("pca", "iforest", "pca_cond", "iforest_cond")
 # the TrainConfig fields that shape data preparation and evaluation (the rest describe the VAE)
 SHARED_PARAMS = (
-    "data",
-    "signals",
-    "labels",
-    "window_size",
-    "stride",
-    "split",
-    "split_seed",
-    "healthy_max_vb",
-    "failed_min_vb",
+    *PREP_PARAMS,
     "positive",
     "threshold_method",
     "threshold_percentile",

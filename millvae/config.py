@@ -81,6 +81,18 @@ class TrainConfig:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(TrainConfig))
+# The parameters that shape the prepared windows (the rest describe the model and its evaluation).
+PREP_PARAMS = (
+    "data",
+    "signals",
+    "labels",
+    "window_size",
+    "stride",
+    "split",
+    "split_seed",
+    "healthy_max_vb",
+    "failed_min_vb",
+)
 PARAM_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 PARAM_DEFAULTS = TrainConfig().to_params()
 

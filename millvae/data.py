@@ -56,7 +56,7 @@ class Prepared:
     def counts(self) -> dict[str, int]:
         """Window counts per split and class, e.g. n_train, n_train_slim, n_test_failed."""
         out: dict[str, int] = {"n_windows": len(self.windows), "n_cuts": len(self.cuts)}
-        if self.cuts is not None and "region_signal" in self.cuts:
+        if "region_signal" in self.cuts:
             out["n_regions_central_fallback"] = int((self.cuts["region_signal"] == "central").sum())
         for s in SPLIT_NAMES:
             part = self.windows[self.windows["split"] == s]

@@ -6,7 +6,7 @@ used for reporting, never for choosing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,6 @@ class Evaluation:
     scores: pd.DataFrame  # one row per window of the prepared data, every score column
     score_names: tuple[str, ...]
     normalizer: ConditionNormalizer | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def healthy_fit_mask(windows: pd.DataFrame) -> np.ndarray:

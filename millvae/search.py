@@ -16,10 +16,10 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from millvae.config import PARAM_HELP, PARAM_NAMES
+from millvae.config import PARAM_HELP, PARAM_NAMES, PREP_PARAMS
 from millvae.errors import MillvaeError
 
 SEARCH_ID_TAG = "millvae.search_id"
@@ -38,18 +38,6 @@ DEFAULT_SPACE = {
     "earlystop_patience": {"randint": [30, 50]},
     "final_activation": ["sigmoid", "selu"],
 }
-# Parameters that shape the prepared windows: trials sharing them share one Prepared in a worker.
-PREP_PARAMS = (
-    "data",
-    "signals",
-    "labels",
-    "window_size",
-    "stride",
-    "split",
-    "split_seed",
-    "healthy_max_vb",
-    "failed_min_vb",
-)
 
 
 def space_from_spec(spec: Mapping) -> dict:
@@ -155,7 +143,6 @@ class Search:
     n_shards: int = 1
     stale_minutes: float = 30.0
     driver_run_id: str = ""  # the run `mlflow run -e search` made for this process, if any
-    counts: dict = field(default_factory=dict)
 
     def my_indices(self) -> list[int]:
         return [i for i in range(len(self.trials)) if i % self.n_shards == self.shard]
@@ -292,7 +279,7 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
         client.set_terminated(run.info.run_id, status="FAILED")
         return {"index": index, "status": "FAILED", "error": str(exc), "run_id": run.info.run_id}
     try:
-        key = tuple(getattr(cfg, p) for p in PREP_PARAMS)
+        key = tuple(getattr(cfg, p) for p in PREP_PARAMS)  # trials sharing these share data
         if key not in cache:
             cache.clear()  # one preparation held at a time keeps a worker's memory flat
             cache[key] = prepare(cfg)
@@ -392,10 +379,10 @@ class Progress:
         )
         if last and last.get("status") == "FAILED":
             line += f" | trial {last['index']} failed: {last.get('error', '')[:80]}"
-        if self.tty and not final:
-            self.stream.write("\r\033[K" + line)
-        elif last is None or last.get("status") != "RUNNING" or final:
-            self.stream.write(line + "\n")
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        elif not final and last is not None and last.get("status") != "RUNNING":
+            self.stream.write(line + "\n")  # logs get one line per ended trial
         self.stream.flush()
 
 
@@ -547,7 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         default="30",
         help="a trial of another host with no progress for this long is dead",
     )
-    p.add_argument("--quiet", action="store_true")
     p.add_argument("--train_seed", default=None, help="fixed training `seed` of every trial")
     for name in PARAM_NAMES:
         if name not in ("experiment", "seed"):

@@ -19,6 +19,7 @@ import pandas as pd
 import millvae
 from millvae.config import TrainConfig
 from millvae.data import Prepared, prepare
+from millvae.errors import MillvaeError
 
 # mlflow's generated run names look like "bold-cat-123"; only those are replaced by ours
 _GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
@@ -183,10 +184,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         restore_best_weights=True,
         verbose=0,
     )
-    validation = (x_val,) if len(x_val) else None
-    if validation is None:
-        from millvae.errors import MillvaeError
-
+    if len(x_val) == 0:
         raise MillvaeError("split: expected healthy windows in the validation split; found none")
     t0 = time.perf_counter()
     hist = model.fit(
@@ -194,7 +192,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         shuffle=True,
-        validation_data=validation,
+        validation_data=(x_val,),
         callbacks=[stopper, *(callbacks or [])],
         verbose=verbose,
     )
@@ -203,8 +201,6 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
     # Validation metrics may be inf in the first epochs (BatchNorm's moving statistics have barely
     # moved after a few large batches); only a non-finite training loss or best val loss is fatal.
-    from millvae.errors import MillvaeError
-
     if not np.isfinite(history["loss"]).all():
         bad = int(history.loc[~np.isfinite(history["loss"]), "epoch"].iloc[0])
         raise MillvaeError(f"training diverged: loss is not finite at epoch {bad}")

@@ -19,18 +19,11 @@ from mlflow import MlflowClient
 
 from .conftest import REPO
 from .servers import mlflow_server, postgres_uri  # noqa: F401  (fixtures)
+from .test_search import TINY_SPACE
 
 pytestmark = pytest.mark.slow
 
-SPACE_YAML = """\
-beta: {uniform: [0.5, 9.0]}
-codings_size: {randint: [2, 6]}
-conv_layers: [1]
-start_filter_no: {randint: [4, 9]}
-dilations: ["1,2"]
-kernel_size: [2]
-earlystop_patience: [2]
-"""
+SPACE_YAML = TINY_SPACE % 2  # patience 2: a trial stops after a few epochs
 WORKER_TIMEOUT_S = 900
 METRICS = ("best_val_loss", "val_ap_kl", "training_seconds")
 
