@@ -227,6 +227,9 @@ def bootstrap_ci(
     if len(s) == 0:
         return float("nan"), float("nan")
     _, inverse = np.unique(groups, return_inverse=True)
+    if metric_fn is average_precision:
+        values = _bootstrap_ap_values(y, s, inverse, int(n_boot), seed)
+        return _percentile_interval(values, level)
     order = np.argsort(inverse, kind="stable")
     sizes = np.bincount(inverse)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -245,11 +248,57 @@ def bootstrap_ci(
         v = metric_fn(yb, s[idx])
         if np.isfinite(v):
             values.append(v)
+    return _percentile_interval(np.asarray(values, dtype=np.float64), level)
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
     if len(values) < 10:
         return float("nan"), float("nan")
     alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(np.asarray(values), [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def _bootstrap_ap_values(
+    y: np.ndarray, s: np.ndarray, inverse: np.ndarray, n_boot: int, seed: int, chunk: int = 64
+) -> np.ndarray:
+    """The average precision of each group resample, as `bootstrap_ci`'s loop would compute it.
+
+    A resample that draws group g k times is the data with weight k on g's windows, and AP with
+    integer weights equals AP of the repeated windows. So the scores are sorted once and every
+    resample is a weighted cumulative sum over that order (a chunk of resamples per matrix),
+    instead of a copy, a sort and an sklearn call per resample: about 100x faster at 1,000
+    resamples. Same random draws, same skips, same values to rounding.
+    """
+    n_groups = int(inverse.max()) + 1
+    rng = np.random.default_rng(seed)
+    order = np.argsort(-s, kind="stable")
+    ys = y[order].astype(np.float64)
+    gs = inverse[order]
+    # the last position of each run of equal scores: sklearn's thresholds
+    ss = s[order]
+    ends = np.flatnonzero(np.append(ss[1:] != ss[:-1], True))
+    values = []
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        # drawn one resample at a time, as the generic loop does, so the intervals agree
+        picks = [rng.integers(0, n_groups, size=n_groups) for _ in range(k)]
+        counts = np.stack([np.bincount(p, minlength=n_groups) for p in picks]).astype(np.float64)
+        w = counts[:, gs]
+        tp = np.cumsum(w * ys, axis=1)[:, ends]
+        fp = np.cumsum(w * (1.0 - ys), axis=1)[:, ends]
+        total_tp, total_fp = tp[:, -1], fp[:, -1]
+        ok = (total_tp > 0) & (total_fp > 0)
+        if not ok.any():
+            continue
+        tp, fp, total_tp = tp[ok], fp[ok], total_tp[ok]
+        d_recall = np.diff(tp, axis=1, prepend=0.0) / total_tp[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = tp / (tp + fp)
+        # thresholds no drawn window reaches add no recall; their 0/0 precision counts as 0
+        ap = np.where(d_recall > 0, d_recall * precision, 0.0).sum(axis=1)
+        values.extend(ap[np.isfinite(ap)].tolist())
+    return np.asarray(values, dtype=np.float64)
 
 
 def _value_name(v) -> str:

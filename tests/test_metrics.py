@@ -384,3 +384,19 @@ def test_condition_subsets_names_and_masks():
     assert set(M.condition_subsets(df.iloc[1:3])) == {"doc0.75", "feed0.25", "feed0.5", "steel"}
     with pytest.raises(MillvaeError, match="got no material"):
         M.condition_subsets(df.drop(columns="material"))
+
+
+@pytest.mark.parametrize("decimals", [0, 1, 6])
+def test_bootstrap_ap_fast_path_equals_generic_loop(decimals):
+    # the vectorised AP resampling must give the generic loop's interval: same draws, same skips,
+    # ties (rounded scores) handled as sklearn does
+    rng = np.random.default_rng(decimals)
+    for seed in range(6):
+        n_cuts = int(rng.integers(3, 50))
+        per = rng.integers(1, 30, size=n_cuts)
+        groups = np.repeat(rng.permutation(n_cuts) * 3 + 1, per)
+        y = np.repeat(rng.random(n_cuts) < 0.3, per)
+        s = np.round(rng.normal(size=len(y)) + y, decimals)
+        fast = M.bootstrap_ci(M.average_precision, y, s, groups, n_boot=150, seed=seed)
+        slow = M.bootstrap_ci(lambda a, b: M.average_precision(a, b), y, s, groups, 150, seed)
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
