@@ -187,9 +187,59 @@ class BetaVAE(keras.Model):
         return self.decoder(codings, training=training)
 
     def encode(self, x: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and log-variance codings of windows x[n, window, signals], predicted in batches."""
-        mean, log_var = self.encoder.predict(x, batch_size=batch_size, verbose=0)
-        return np.asarray(mean), np.asarray(log_var)
+        """Mean and log-variance codings of windows x[n, window, signals], in batches."""
+        mean, log_var, _ = self.forward(x, batch_size=batch_size, decode=False)
+        return mean, log_var
+
+    def forward(
+        self, x: Any, batch_size: int = 1024, decode: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(mean, log_var, reconstruction of the mean coding) of windows x, in batches.
+
+        One graph traced per model for any batch length, and encoder and decoder in one call:
+        `predict` traced a function per sub-model and retraced for the last, shorter batch, which
+        cost more than the forward pass itself on the 11k windows of the milling data.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        fn = self._graph("_forward_fn" if decode else "_encode_fn", decode)
+        parts = [fn(x[i : i + batch_size]) for i in range(0, len(x), max(1, int(batch_size)))]
+        if not parts:
+            c = self.codings_size
+            empty = np.empty((0, c), np.float32)
+            return empty, empty, (np.empty((0, *x.shape[1:]), np.float32) if decode else None)
+        mean = np.concatenate([np.asarray(p[0]) for p in parts])
+        log_var = np.concatenate([np.asarray(p[1]) for p in parts])
+        recon = np.concatenate([np.asarray(p[2]) for p in parts]) if decode else None
+        return mean, log_var, recon
+
+    def decode(self, codings: Any, batch_size: int = 1024) -> np.ndarray:
+        """Reconstructions of codings [n, codings_size], in batches."""
+        z = np.asarray(codings, dtype=np.float32)
+        fn = self._graph("_decode_fn", None)
+        out = [np.asarray(fn(z[i : i + batch_size])) for i in range(0, len(z), batch_size)]
+        return np.concatenate(out) if out else np.empty((0, self.window_size, self.n_signals))
+
+    def _graph(self, name: str, decode: bool | None):
+        fn = self.__dict__.get(name)
+        if fn is None:
+            if decode is None:
+                spec = tf.TensorSpec([None, self.codings_size], tf.float32)
+
+                def body(z):
+                    return self.decoder(z, training=False)
+            else:
+                spec = tf.TensorSpec([None, self.window_size, self.n_signals], tf.float32)
+
+                def body(x):
+                    mean, log_var = self.encoder(x, training=False)
+                    if not decode:
+                        return mean, log_var, mean
+                    return mean, log_var, self.decoder(mean, training=False)
+
+            fn = tf.function(body, input_signature=[spec], autograph=False)
+            # kept out of Keras' attribute tracking: a cache, not part of the model's state
+            self.__dict__[name] = fn
+        return fn
 
     def _sample(self, mean: Any, log_var: Any) -> Any:
         noise = keras.random.normal(ops.shape(mean), dtype=mean.dtype, seed=self.noise)

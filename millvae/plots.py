@@ -19,6 +19,7 @@ from matplotlib.cbook import violin_stats
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullLocator
 
 from millvae.errors import MillvaeError
 
@@ -42,9 +43,49 @@ _LOG_DECADES = 1.5
 
 
 def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    # No layout engine: constrained layout measured every tick label of every panel before the
+    # real draw, a third of the drawing time of a run's plots; margins are set in inches instead
+    # (`_margins`), which the fixed fonts and label lengths of these figures allow.
+    fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _margins(
+    fig: Figure,
+    *,
+    left: float = 0.75,
+    right: float = 0.2,
+    top: float = 0.35,
+    bottom: float = 0.55,
+    wgap: float = 0.75,
+    hgap: float = 0.8,
+    nrows: int = 1,
+    ncols: int = 1,
+) -> None:
+    """Subplot margins and gaps in inches (matplotlib wants fractions of the figure and of the
+    mean panel size)."""
+    w, h = fig.get_size_inches()
+    panel_w = max((w - left - right - wgap * (ncols - 1)) / ncols, 0.1)
+    panel_h = max((h - top - bottom - hgap * (nrows - 1)) / nrows, 0.1)
+    fig.subplots_adjust(
+        left=left / w,
+        right=1 - right / w,
+        top=1 - top / h,
+        bottom=bottom / h,
+        wspace=wgap / panel_w,
+        hspace=hgap / panel_h,
+    )
+
+
+def _title(fig: Figure, title: str) -> None:
+    fig.suptitle(title, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
+
+
+def _bottom_legend(fig: Figure, handles: list, ncols: int) -> None:
+    fig.legend(
+        handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=ncols, frameon=False
+    )
 
 
 def _save(fig: Figure, path) -> Path:
@@ -58,6 +99,13 @@ def _save(fig: Figure, path) -> Path:
     return path
 
 
+def _log_y(ax) -> None:
+    """Log y axis without minor ticks: on panels of several decades they add little to read, and
+    their Tick objects were most of the drawing and layout time of a run's plots."""
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def _empty(path, title: str, message: str) -> Path:
     """A small figure that says why there is nothing to show, so an artifact always exists."""
     with matplotlib.rc_context(_RC):
@@ -66,7 +114,7 @@ def _empty(path, title: str, message: str) -> Path:
         ax.axis("off")
         ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, color="0.3")
         if title:
-            fig.suptitle(title)
+            _title(fig, title)
         return _save(fig, path)
 
 
@@ -126,6 +174,7 @@ def pr_roc_curves(
     with matplotlib.rc_context(_RC):
         fig = _new_figure(10, 0.5 + 4.6 * len(splits))
         axes = fig.subplots(len(splits), 2, squeeze=False)
+        _margins(fig, top=0.75 if title else 0.35, hgap=0.85, nrows=len(splits), ncols=2)
         for row, split in enumerate(splits):
             ax_pr, ax_roc = axes[row]
             n_all = pos_all = 0
@@ -165,7 +214,7 @@ def pr_roc_curves(
             ax_pr.legend(loc="best", framealpha=0.85)
             ax_roc.legend(loc="lower right", framealpha=0.85)
         if title:
-            fig.suptitle(title)
+            _title(fig, title)
         return _save(fig, path)
 
 
@@ -235,6 +284,17 @@ def score_distributions(
     with matplotlib.rc_context(_RC):
         fig = _new_figure(max(3.6 * ncols, 5.0), 0.6 + 3.4 * nrows)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        # two-line class labels under every panel
+        _margins(
+            fig,
+            left=0.8,
+            top=0.7 if title else 0.35,
+            bottom=0.6,
+            wgap=0.85,
+            hgap=1.0,
+            nrows=nrows,
+            ncols=ncols,
+        )
         for ax in axes[len(cols) :]:
             ax.axis("off")
         for ax, name in zip(axes, cols, strict=False):
@@ -243,7 +303,7 @@ def score_distributions(
             groups = [v[keep & (tc == k)] for k in range(len(CLASS_NAMES))]
             log = _use_log(v[keep])
             if log:
-                ax.set_yscale("log")
+                _log_y(ax)
             _violin(ax, groups, [0, 1, 2], CLASS_COLORS, log)
             thr = thresholds.get(name)
             if thr is not None and np.isfinite(thr) and (thr > 0 or not log):
@@ -260,7 +320,7 @@ def score_distributions(
             ax.set_ylabel(f"{name} score" + (" (log)" if log else ""))
             ax.grid(axis="y", alpha=0.3)
         if title:
-            fig.suptitle(title)
+            _title(fig, title)
         return _save(fig, path)
 
 
@@ -308,6 +368,18 @@ def case_trends(
     with matplotlib.rc_context(_RC):
         fig = _new_figure(max(3.4 * ncols, 5.5), 0.9 + 2.5 * nrows)
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        # shared y: tick labels on the first column only; the legend (1-2 rows) sits at the bottom
+        legend_rows = 1 if ncols >= 3 else 2
+        _margins(
+            fig,
+            left=0.8,
+            top=0.6,
+            bottom=0.55 + 0.22 * legend_rows,
+            wgap=0.2,
+            hgap=0.75,
+            nrows=nrows,
+            ncols=ncols,
+        )
         flat = axes.ravel()
         for ax in flat[len(cases) :]:
             ax.axis("off")
@@ -353,7 +425,7 @@ def case_trends(
             )
             ax.grid(axis="y", alpha=0.3)
         if log:
-            flat[0].set_yscale("log")
+            _log_y(flat[0])
         for r in range(nrows):
             axes[r, 0].set_ylabel(label + (" (log)" if log else ""))
         for j in range(ncols):
@@ -384,8 +456,8 @@ def case_trends(
             handles.append(Line2D([], [], color="0.1", ls="--", label=f"threshold {threshold:.3g}"))
         # a narrow figure (one or two cases) wraps the legend instead of clipping it
         per_row = min(len(handles), 2 + 2 * ncols)
-        fig.legend(handles=handles, loc="outside lower center", ncols=per_row, frameon=False)
-        fig.suptitle(title or f"{label} per cut, by case")
+        _bottom_legend(fig, handles, per_row)
+        _title(fig, title or f"{label} per cut, by case")
         return _save(fig, path)
 
 
@@ -424,7 +496,25 @@ def reconstruction_examples(
     nsig, ncol = len(names), len(order)
     with matplotlib.rc_context(_RC):
         fig = _new_figure(max(3.6 * ncol, 5.5), 1.0 + 1.45 * nsig + 1.9)
-        axes = fig.subplots(nsig + 1, ncol, squeeze=False, height_ratios=[1.0] * nsig + [1.3])
+        # room above for the title and each column's class caption, below for the rotated signal
+        # names and the legend; an empty spacer row keeps the last signal's x label clear of
+        # the bar panels' titles
+        _margins(
+            fig,
+            left=0.75,
+            top=1.0 if title else 0.65,
+            bottom=1.15,
+            wgap=0.6,
+            hgap=0.4,
+            nrows=nsig + 2,
+            ncols=ncol,
+        )
+        grid = fig.add_gridspec(nsig + 2, ncol, height_ratios=[1.0] * nsig + [0.25, 1.3])
+        axes = np.empty((nsig + 1, ncol), dtype=object)
+        for j in range(ncol):
+            for i in range(nsig):
+                axes[i, j] = fig.add_subplot(grid[i, j])
+            axes[nsig, j] = fig.add_subplot(grid[nsig + 1, j])
         for j, key in enumerate(order):
             win, rec = pairs[key]
             t = np.arange(win.shape[0])
@@ -465,18 +555,45 @@ def reconstruction_examples(
         top = max(float(e.max()) for e in errors.values()) * 1.1 or 1.0
         for j in range(ncol):
             axes[nsig, j].set_ylim(0, top)
-        fig.legend(
-            handles=[
+        _bottom_legend(
+            fig,
+            [
                 Line2D([], [], color="0.15", lw=1.1, label="input"),
                 *[
                     Line2D([], [], color=colors[k], lw=1.4, label=f"reconstruction ({k})")
                     for k in order
                 ],
             ],
-            loc="outside lower center",
-            ncols=len(order) + 1,
-            frameon=False,
+            len(order) + 1,
         )
         if title:
-            fig.suptitle(title)
+            _title(fig, title)
+        return _save(fig, path)
+
+
+def loss_curves(history: pd.DataFrame, best_epoch: int, path) -> Path:
+    """Training and validation loss, reconstruction loss and KL per epoch (log y), best epoch
+    marked. `history` has an `epoch` column and Keras' history keys."""
+    finite = history.replace([np.inf, -np.inf], np.nan)
+    keys = ("loss", "reconstruction_loss", "kl_loss")
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(13, 3.6)
+        axes = fig.subplots(1, 3)
+        _margins(fig, left=0.65, top=0.35, bottom=0.55, wgap=0.7, ncols=3)
+        for ax, key in zip(axes, keys, strict=True):
+            if key not in finite:
+                ax.axis("off")
+                continue
+            ax.plot(finite["epoch"], finite[key], label="train")
+            if f"val_{key}" in finite:
+                ax.plot(finite["epoch"], finite[f"val_{key}"], label="validation (healthy)")
+            # the first epochs' validation values can be orders of magnitude larger
+            values = finite[[c for c in (key, f"val_{key}") if c in finite]].to_numpy().ravel()
+            if _use_log(values):
+                _log_y(ax)
+            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch {best_epoch}")
+            ax.set_title(key.replace("_", " "))
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        axes[0].legend(framealpha=0.85)
         return _save(fig, path)

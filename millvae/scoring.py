@@ -21,7 +21,7 @@ def window_scores(
     *,
     samples: int = 0,
     seed: int = 0,
-    batch_size: int = 4096,
+    batch_size: int = 1024,
 ) -> pd.DataFrame:
     """Per-window scores of scaled windows x [n, window, signal].
 
@@ -34,21 +34,18 @@ def window_scores(
     if len(x) == 0:
         cols = ["mse", "kl", *[f"mse_{s}" for s in signal_names]]
         return pd.DataFrame({c: np.empty(0) for c in cols})
-    mean, log_var = model.encode(x, batch_size=batch_size)
-    mean, log_var = np.asarray(mean, np.float64), np.asarray(log_var, np.float64)
+    sampled = bool(samples and samples > 0)
+    mean, log_var, recon = model.forward(x, batch_size=batch_size, decode=not sampled)
+    mean, log_var = mean.astype(np.float64), log_var.astype(np.float64)
     kl = -0.5 * np.sum(1.0 + log_var - np.exp(log_var) - mean**2, axis=1)
-    if samples and samples > 0:
+    if sampled:
         rng = np.random.default_rng(seed)
         recon = np.zeros(x.shape, dtype=np.float64)
         std = np.exp(0.5 * log_var)
         for _ in range(samples):
             z = (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)
-            recon += np.asarray(model.decoder.predict(z, batch_size=batch_size, verbose=0))
+            recon += model.decode(z, batch_size=batch_size)
         recon /= samples
-    else:
-        recon = np.asarray(
-            model.decoder.predict(mean.astype(np.float32), batch_size=batch_size, verbose=0)
-        )
     err = (x.astype(np.float64) - recon) ** 2
     out = {"mse": err.mean(axis=(1, 2)), "kl": kl}
     per_signal = err.mean(axis=1)

@@ -133,28 +133,6 @@ def _epoch_logger():
     return MlflowEpochLogger()
 
 
-def _loss_plot(history: pd.DataFrame, best_epoch: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = history.replace([np.inf, -np.inf], np.nan)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes, ("loss", "reconstruction_loss", "kl_loss"), strict=True):
-        ax.plot(finite["epoch"], finite[key], label="train")
-        if f"val_{key}" in finite:
-            ax.plot(finite["epoch"], finite[f"val_{key}"], label="validation (healthy)")
-        ax.set_yscale("log")  # the first epochs' validation values can be orders larger
-        ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch {best_epoch}")
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
     """Build and train the β-VAE on healthy training windows; early stop on healthy validation."""
     _quiet_tensorflow()
@@ -225,6 +203,8 @@ def train_run(
     _quiet_tensorflow()
     import mlflow
 
+    from millvae import plots
+
     with tracked_run(
         cfg, nested=nested, tags=tags, run_name=run_name, experiment_id=experiment_id
     ) as run:
@@ -257,7 +237,7 @@ def train_run(
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             history.to_csv(tmp / "history.csv", index=False)
-            _loss_plot(history, result.best_epoch, tmp / "loss_curves.png")
+            plots.loss_curves(history, result.best_epoch, tmp / "loss_curves.png")
             (tmp / "scaler.json").write_text(json.dumps(prepared.scaler.to_dict(), indent=2))
             cuts_table(prepared).to_csv(tmp / "cuts.csv")
             mlflow.log_artifact(str(tmp / "cuts.csv"), "data")
@@ -345,10 +325,29 @@ def _log_data(p: Prepared) -> None:
     mlflow.log_metrics({k: float(v) for k, v in p.counts().items()})
 
 
+class _TensorflowFlavorNoReload:
+    """`mlflow.tensorflow` as a flavor for `Model.log`, without MLflow's serving check.
+
+    After saving, `mlflow.tensorflow.log_model` loads the model back from disk and predicts the
+    input example: about 1 s per model, a second deserialisation of what is in memory, and so a
+    large share of a search trial's time outside `fit`. Here the example is a slice of the data the
+    model was just called on to infer the signature, and tests load and serve logged models.
+    `Model.log` reads `validate_serving_input` from the flavor kwargs; the flavor's `save_model`
+    does not take it, so it is dropped here.
+    """
+
+    __name__ = "mlflow.tensorflow"
+
+    @staticmethod
+    def save_model(*, validate_serving_input: bool = False, **kwargs) -> None:
+        import mlflow.tensorflow
+
+        mlflow.tensorflow.save_model(**kwargs)
+
+
 def log_keras_model(model, prepared: Prepared) -> None:
     """The Keras model with signature, input example and the scaler in its MLmodel metadata."""
-    import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
     from millvae.detector import pip_requirements as detector_pip_requirements
     from millvae.model import CUSTOM_OBJECTS
@@ -357,9 +356,12 @@ def log_keras_model(model, prepared: Prepared) -> None:
     if len(example) == 0:
         example = prepared.get("train")[:2]
     signature = infer_signature(example, np.asarray(model(example, training=False)))
-    mlflow.tensorflow.log_model(
-        model,
+    Model.log(
+        artifact_path=None,
         name="model",
+        flavor=_TensorflowFlavorNoReload,
+        model=model,
+        validate_serving_input=False,
         signature=signature,
         input_example=example,
         custom_objects=CUSTOM_OBJECTS,

@@ -102,6 +102,25 @@ def test_call_decodes_the_mean_coding_deterministically():
     np.testing.assert_allclose(first, model.decoder.predict(mean, verbose=0), atol=1e-6)
 
 
+def test_forward_in_batches_matches_call_and_traces_once():
+    model = build_vae(**SMALL)
+    x = sinusoid_windows(37, SMALL["window_size"], SMALL["n_signals"], seed=3)
+    want = np.asarray(model(x, training=False))
+    want_mean, want_log_var = (np.asarray(a) for a in model.encoder(x, training=False))
+    for batch_size in (1, 8, 37, 100):
+        mean, log_var, recon = model.forward(x, batch_size=batch_size)
+        np.testing.assert_allclose(recon, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(log_var, want_log_var, rtol=1e-5, atol=1e-6)
+    # every batch length above reused one graph: a retrace per length would cost seconds
+    assert model.__dict__["_forward_fn"].experimental_get_tracing_count() == 1
+    mean, log_var = model.encode(x, batch_size=10)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.decode(mean, batch_size=16), want, rtol=1e-5, atol=1e-6)
+    mean, log_var, recon = model.forward(x[:0])
+    assert mean.shape == (0, SMALL["codings_size"]) and recon.shape == (0, *x.shape[1:])
+
+
 def test_loss_components_follow_the_formula():
     # Pin the log-variance at −30 (σ ≈ 3e-7): the sampled coding is then the mean to float
     # precision, so the reconstruction term can be checked against predict(). Shrink the output

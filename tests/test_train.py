@@ -94,6 +94,9 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
         f"np.save(r'{tmp_path / 'y.npy'}', np.asarray(m(x, training=False)))\n"
         f"info = mlflow.models.get_model_info('runs:/{result.run_id}/model')\n"
         "print(info.signature.inputs.to_dict(), info.metadata['data_source'])\n"
+        # the serving check MLflow's log_model would run (skipped at logging time, see train.py)
+        f"pm = mlflow.pyfunc.load_model('runs:/{result.run_id}/model')\n"
+        "print('example', np.asarray(pm.predict(pm.input_example)).shape)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -105,6 +108,7 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
     assert "synthetic" in out.stdout and "(-1, 64, 6)" in out.stdout
+    assert "example (2, 64, 6)" in out.stdout
 
 
 def test_same_seed_same_metrics_other_seed_other_metrics(tracking, synthetic_mat):
