@@ -20,6 +20,7 @@ synthetic data where they are absent. Nothing is asserted on timing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,9 @@ class Trial:
     fit_s: float  # the child's training_seconds metric
     run_s: float  # the child run's end - start
     score_s: float = float("nan")  # the child's scoring_seconds metric (evaluation)
+    start_ms: int = 0
+    end_ms: int = 0
+    pid: str = ""
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Arm:
     parallel: int  # trials in flight at once: per-trial wall time is wall * parallel / trials
     trials: list[Trial] = field(default_factory=list)
     launch_wall_s: list[float] = field(default_factory=list)  # (b): each subprocess, start to end
+    launched_ms: int = 0  # (a): wall clock when the search command started
 
     @property
     def n(self) -> int:
@@ -134,6 +139,9 @@ def _read_trials(tracking_uri: str, search_only: bool) -> list[Trial]:
                 fit_s=float(r.data.metrics.get("training_seconds", float("nan"))),
                 run_s=(end - r.info.start_time) / 1000.0,
                 score_s=float(r.data.metrics.get("scoring_seconds", float("nan"))),
+                start_ms=r.info.start_time,
+                end_ms=end,
+                pid=tags.get("millvae.worker_pid", ""),
             )
         )
     return sorted(out, key=lambda t: t.index)
@@ -146,13 +154,14 @@ def run_search_arm(work: Path, args, fixed: dict[str, str], space: Path) -> Arm:
     cmd = [
         sys.executable, "-m", "millvae", "search",
         "--n_iter", str(args.trials), "--seed", str(args.seed), "--workers", str(args.workers),
-        "--space", str(space), "--experiment", EXPERIMENT, "--quiet",
+        "--space", str(space), "--experiment", EXPERIMENT,
     ]  # fmt: skip
     for k, v in fixed.items():
         cmd += [f"--{k}", v]
     print(
         f"(a) {' '.join(cmd[1:4])} --workers {args.workers}: {args.trials} trials ...", flush=True
     )
+    launched_ms = int(time.time() * 1000)
     t0 = time.perf_counter()
     out = subprocess.run(
         cmd, cwd=work / "a", env=_env(store), capture_output=True, text=True, timeout=args.timeout
@@ -160,7 +169,7 @@ def run_search_arm(work: Path, args, fixed: dict[str, str], space: Path) -> Arm:
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         sys.exit(f"(a) search failed with exit code {out.returncode}:\n{out.stderr[-3000:]}")
-    arm = Arm(f"(a) search --workers {args.workers}", wall, args.workers)
+    arm = Arm(f"(a) search --workers {args.workers}", wall, args.workers, launched_ms=launched_ms)
     arm.trials = _read_trials(store, search_only=True)
     return arm
 
@@ -197,6 +206,43 @@ def run_mlflow_run_arm(work: Path, args, trials: list[Trial]) -> Arm:
         arm.trials += got or [Trial(trial.index, "FAILED", params, float("nan"), float("nan"))]
     arm.wall_s = time.perf_counter() - t_all
     return arm
+
+
+def print_breakdown(a: Arm) -> None:
+    """Where (a)'s time outside fit goes, from the children's start/end times and worker pids."""
+    by_pid: dict[str, list[Trial]] = {}
+    for t in a.trials:
+        by_pid.setdefault(t.pid, []).append(t)
+    gaps, starts, tails = [], [], []
+    end_all = a.launched_ms + a.wall_s * 1000.0
+    for trials in by_pid.values():
+        trials.sort(key=lambda t: t.start_ms)
+        starts.append((trials[0].start_ms - a.launched_ms) / 1000.0)
+        gaps += [(n.start_ms - p.end_ms) / 1000.0 for p, n in itertools.pairwise(trials)]
+        tails.append((end_all - trials[-1].end_ms) / 1000.0)
+    n = max(a.n, 1)
+    in_run = a.mean("run_s", finished_only=False) - a.mean("fit_s")
+    first = [t.run_s - t.fit_s for ts in by_pid.values() for t in ts[:1] if math.isfinite(t.fit_s)]
+    later = [t.run_s - t.fit_s for ts in by_pid.values() for t in ts[1:] if math.isfinite(t.fit_s)]
+    print(f"\n{a.name}: time outside fit per trial, split ({len(by_pid)} workers):")
+    print(
+        f"  in the trial's run (model build, scoring, plots, artifacts, 2 models): {in_run:.1f} s"
+        f" (a worker's first trial {statistics.fmean(first) if first else float('nan'):.1f} s,"
+        f" later trials {statistics.fmean(later) if later else float('nan'):.1f} s)"
+    )
+    print(
+        f"  between one worker's trials (driver bookkeeping): "
+        f"{statistics.fmean(gaps) if gaps else float('nan'):.2f} s"
+    )
+    print(
+        f"  worker start to its first trial (spawn, imports, data preparation): "
+        f"{statistics.fmean(starts):.1f} s per worker = "
+        f"{sum(starts) / n:.1f} s per trial over {a.n} trials"
+    )
+    print(
+        f"  after a worker's last trial to the end of the search (summary on the parent): "
+        f"{statistics.fmean(tails):.1f} s = {sum(tails) / n:.1f} s per trial"
+    )
 
 
 def print_report(a: Arm, b: Arm, epochs: int, data_label: str) -> None:
@@ -238,6 +284,7 @@ def print_report(a: Arm, b: Arm, epochs: int, data_label: str) -> None:
             f"{arm.name}: {over:.1f} s per trial outside fit ({verdict} target <= "
             f"{TARGET_OVERHEAD_S:g} s), {arm.outside_run():.1f} s outside the trial's run"
         )
+    print_breakdown(a)
     print(
         "\nwall s/trial: wall time x trials in flight / trials (a worker's time per trial);"
         "\nfit s: mean training_seconds metric (finished trials); score s: mean scoring_seconds;"
