@@ -64,6 +64,7 @@ class Trial:
     start_ms: int = 0
     end_ms: int = 0
     pid: str = ""
+    rss_mib: float = float("nan")  # the worker's resident memory after this trial
 
 
 @dataclass
@@ -142,6 +143,7 @@ def _read_trials(tracking_uri: str, search_only: bool) -> list[Trial]:
                 start_ms=r.info.start_time,
                 end_ms=end,
                 pid=tags.get("millvae.worker_pid", ""),
+                rss_mib=float(r.data.metrics.get("worker_rss_mib", float("nan"))),
             )
         )
     return sorted(out, key=lambda t: t.index)
@@ -213,13 +215,12 @@ def print_breakdown(a: Arm) -> None:
     by_pid: dict[str, list[Trial]] = {}
     for t in a.trials:
         by_pid.setdefault(t.pid, []).append(t)
-    gaps, starts, tails = [], [], []
+    gaps, starts = [], []
     end_all = a.launched_ms + a.wall_s * 1000.0
     for trials in by_pid.values():
         trials.sort(key=lambda t: t.start_ms)
         starts.append((trials[0].start_ms - a.launched_ms) / 1000.0)
         gaps += [(n.start_ms - p.end_ms) / 1000.0 for p, n in itertools.pairwise(trials)]
-        tails.append((end_all - trials[-1].end_ms) / 1000.0)
     n = max(a.n, 1)
     in_run = a.mean("run_s", finished_only=False) - a.mean("fit_s")
     first = [t.run_s - t.fit_s for ts in by_pid.values() for t in ts[:1] if math.isfinite(t.fit_s)]
@@ -239,9 +240,19 @@ def print_breakdown(a: Arm) -> None:
         f"{statistics.fmean(starts):.1f} s per worker = "
         f"{sum(starts) / n:.1f} s per trial over {a.n} trials"
     )
+    for pid, trials in by_pid.items():
+        rss = ", ".join(f"{t.rss_mib:.0f}" for t in trials)
+        print(f"  worker {pid}: resident MiB after each of its trials: {rss}")
+    last_end = max(t.end_ms for t in a.trials)
+    idle = [(last_end - ts[-1].end_ms) / 1000.0 for ts in by_pid.values()]
     print(
-        f"  after a worker's last trial to the end of the search (summary on the parent): "
-        f"{statistics.fmean(tails):.1f} s = {sum(tails) / n:.1f} s per trial"
+        f"  a worker idle after its last trial while others finish theirs: "
+        f"{statistics.fmean(idle):.1f} s per worker = {sum(idle) / n:.1f} s per trial"
+    )
+    summary_s = (end_all - last_end) / 1000.0
+    print(
+        f"  last trial's end to the command's exit (summary on the parent, workers exit): "
+        f"{summary_s:.1f} s = {summary_s * len(by_pid) / n:.1f} s per trial"
     )
 
 

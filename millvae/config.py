@@ -21,6 +21,7 @@ DATA_KEYWORDS = ("auto", "nasa", "synthetic")
 SPLITS = ("window", "case", "cut")
 POSITIVES = ("failed", "worn")
 THRESHOLD_METHODS = ("f1", "percentile")
+LR_SCHEDULES = ("constant", "onecycle")
 
 
 def _p(default: Any, help: str) -> Any:
@@ -41,7 +42,11 @@ class TrainConfig:
     epochs: int = _p(1000, "epoch cap; early stopping normally ends a run long before")
     earlystop_patience: int = _p(8, "epochs without val-loss improvement before stopping")
     batch_size: int = _p(1024, "training batch size")
-    learning_rate: float = _p(0.001, "Adam learning rate")
+    learning_rate: float = _p(0.001, "Adam learning rate (onecycle: its start; a tenth at the end)")
+    lr_schedule: str = _p("constant", "constant (the seed's) | onecycle (warm-up then cosine)")
+    lr_max: float = _p(0.005, "onecycle: peak learning rate, reached at 30 % of the cycle")
+    lr_cycle_epochs: int = _p(40, "onecycle: epochs of the cycle; the rate stays low after")
+    bn_momentum: float = _p(0.99, "BatchNorm moving-statistics momentum (validation, scoring)")
     seed: int = _p(31, "random seed of weights, sampling and shuffling")
     data: str = _p("auto", "a mill.mat path, or auto | nasa | synthetic")
     signals: str = _p("all", "comma-separated signals, 'all' (the six) or 'available'")
@@ -161,6 +166,10 @@ def make_config(**raw: Any) -> TrainConfig:
         earlystop_patience=_int("earlystop_patience", d["earlystop_patience"]),
         batch_size=_int("batch_size", d["batch_size"]),
         learning_rate=_float("learning_rate", d["learning_rate"]),
+        lr_schedule=str(d["lr_schedule"]).strip().lower(),
+        lr_max=_float("lr_max", d["lr_max"]),
+        lr_cycle_epochs=_int("lr_cycle_epochs", d["lr_cycle_epochs"]),
+        bn_momentum=_float("bn_momentum", d["bn_momentum"]),
         seed=_int("seed", d["seed"]),
         data=str(d["data"]).strip(),
         signals=str(d["signals"]).strip(),
@@ -206,6 +215,19 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(cfg.batch_size >= 1, f"batch_size: expected >= 1; got {cfg.batch_size}")
     need(cfg.learning_rate > 0, f"learning_rate: expected > 0; got {cfg.learning_rate:g}")
+    need(
+        cfg.lr_schedule in LR_SCHEDULES,
+        f"lr_schedule: expected one of {', '.join(LR_SCHEDULES)}; got {cfg.lr_schedule!r}",
+    )
+    need(
+        cfg.lr_max >= cfg.learning_rate,
+        f"lr_max: expected >= learning_rate ({cfg.learning_rate:g}); got {cfg.lr_max:g}",
+    )
+    need(cfg.lr_cycle_epochs >= 1, f"lr_cycle_epochs: expected >= 1; got {cfg.lr_cycle_epochs}")
+    need(
+        0 <= cfg.bn_momentum < 1,
+        f"bn_momentum: expected 0 <= momentum < 1; got {cfg.bn_momentum:g}",
+    )
     need(cfg.seed >= 0, f"seed: expected >= 0; got {cfg.seed}")
     need(cfg.split_seed >= 0, f"split_seed: expected >= 0; got {cfg.split_seed}")
     factor = 2**cfg.conv_layers

@@ -292,6 +292,8 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
             verbose=verbose,
         )
         m = mlflow.get_run(res.run_id).data.metrics
+        # memory of the worker after each of its trials: growth across trials would show here
+        _client().log_metric(res.run_id, "worker_rss_mib", _rss_mib())
         return {
             "index": index,
             "status": "FINISHED",
@@ -312,10 +314,21 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
             pass
 
 
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _configure_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1" if threads == 1 else "2"
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"  # see millvae.runtime: no oversubscription
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -330,7 +343,9 @@ def _worker_main(search: Search, tasks, results, threads: int) -> None:
 
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    from millvae.runtime import configure_threads
+
+    configure_threads(threads)
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     cache: dict = {}
@@ -445,10 +460,9 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
 
 
 def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from millvae.runtime import usable_cores
+
+    return usable_cores()
 
 
 def summarize(search: Search, top: int = 10) -> dict:

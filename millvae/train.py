@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -128,9 +129,27 @@ def _epoch_logger():
             # blow-up of the validation KL is worth seeing, not hiding
             metrics = {k: float(v) for k, v in (logs or {}).items()}
             metrics["epoch_seconds"] = time.perf_counter() - self._t0
+            metrics["learning_rate"] = float(self.model.optimizer.learning_rate)
             mlflow.log_metrics(metrics, step=epoch + 1)
 
     return MlflowEpochLogger()
+
+
+def learning_rate(cfg: TrainConfig, n_train: int):
+    """The run's learning rate: a constant, or the OneCycle schedule over optimizer steps."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    from millvae.model import OneCycle
+
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    total = cfg.lr_cycle_epochs * steps_per_epoch
+    return OneCycle(
+        start=cfg.learning_rate,
+        peak=cfg.lr_max,
+        end=cfg.learning_rate / 10.0,
+        warmup_steps=round(0.3 * total),
+        total_steps=total,
+    )
 
 
 def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
@@ -139,7 +158,9 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     import keras
 
     from millvae.model import build_vae
+    from millvae.runtime import configure_threads
 
+    configure_threads()  # before the first op; a no-op where the caller already sized the pools
     keras.utils.set_random_seed(cfg.seed)
     x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
     model = build_vae(
@@ -153,8 +174,9 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         final_activation=cfg.final_activation,
         beta=cfg.beta,
         seed=cfg.seed,
+        bn_momentum=cfg.bn_momentum,
     )
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, len(x_train))))
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss",
         min_delta=MIN_DELTA,

@@ -106,6 +106,12 @@ CASES = [
     ("unknown-split", lambda t, s: ["--split", "random"], "split: expected one of"),
     ("unknown-signal", lambda t, s: ["--signals", "smcAC,force"], "signals: expected"),
     ("not-a-number", lambda t, s: ["--batch_size", "big"], "batch_size: expected an integer"),
+    ("unknown-schedule", lambda t, s: ["--lr_schedule", "step"], "lr_schedule: expected one of"),
+    (
+        "peak-below-start",
+        lambda t, s: ["--lr_schedule", "onecycle", "--lr_max", "0.0001"],
+        "lr_max: expected >= learning_rate (0.001); got 0.0001",
+    ),
 ]
 
 

@@ -111,6 +111,32 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
     assert "example (2, 64, 6)" in out.stdout
 
 
+def test_onecycle_schedule_is_followed_and_logged_per_epoch(tracking, synthetic_mat):
+    from millvae.data import prepare
+    from millvae.train import learning_rate
+
+    cfg = _cfg(synthetic_mat, epochs=4, lr_schedule="onecycle", lr_max=0.005, lr_cycle_epochs=2)
+    prepared = prepare(cfg)
+    n_train = len(prepared.get("train", slim=True))
+    sched = learning_rate(cfg, n_train)
+    steps = -(-n_train // cfg.batch_size)
+    assert sched.total_steps == 2 * steps and sched.warmup_steps == round(0.3 * 2 * steps)
+    result = train_run(cfg, prepared=prepared, verbose=0)
+    lr = [
+        m.value
+        for m in sorted(
+            mlflow.MlflowClient().get_metric_history(result.run_id, "learning_rate"),
+            key=lambda m: m.step,
+        )
+    ]
+    # the rate after each epoch is the schedule's at that epoch's last step
+    want = [float(sched(steps * e)) for e in range(1, 5)]
+    np.testing.assert_allclose(lr, want, rtol=1e-5)
+    assert lr[-1] == pytest.approx(cfg.learning_rate / 10, rel=1e-5)  # the cycle has ended
+    # the constant default is a plain float: the seed's Adam, untouched
+    assert learning_rate(_cfg(synthetic_mat), n_train) == 0.001
+
+
 def test_same_seed_same_metrics_other_seed_other_metrics(tracking, synthetic_mat):
     from millvae.data import prepare
 

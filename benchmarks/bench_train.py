@@ -1,0 +1,385 @@
+"""Benchmark: millvae's training against the same β-VAE trained with plain `model.fit` defaults.
+
+For the seed default and the paper's best configuration, two arms train the same model (same
+weights at the start, same data, same batch size, same epochs, no early stop), each in a fresh
+process so first-epoch tracing and peak memory are its own:
+
+(ref)     `build_vae` + `compile(Adam(lr))` + `model.fit(x_train, batch_size, shuffle=True,
+          validation_data=(x_val,))`, TensorFlow's thread defaults; what a Keras user writes.
+(millvae) `millvae.train.fit`, the path every `main` run and search trial takes.
+
+Per arm: seconds per epoch (median after the first), first-epoch seconds, training windows per
+second, achieved GFLOP/s (TensorFlow's own FLOP count of one forward pass x 3 for forward and
+backward) and its share of this machine's float32 matmul rate (numpy 2048x2048, measured in the
+same command), peak RSS, final training and validation loss, and test AP of the mse and kl scores.
+Then per configuration: the speed-up (target >= 2x windows per second) and whether both reach the
+same validation loss within --tolerance. Nothing is asserted on timing.
+
+With --time-to-quality, for the paper's best configuration and each of --seeds: the reference
+(plain `model.fit`, the seed's constant Adam rate) trains until early stopping (patience
+--patience); then `millvae.train.fit` with `lr_schedule=onecycle` (--lr-max, --cycle-epochs) and
+`bn_momentum` --bn-momentum trains until its validation loss first reaches the reference's best
+(or stops early). --ref-cache keeps reference runs in a JSON file for comparing candidates
+(--candidate '{"lr_max": 0.003}'). Prints epochs and wall seconds of both (target: <= 1/3
+of the reference's wall time).
+
+    python benchmarks/bench_train.py             # 20 epochs per arm, both configurations
+    python benchmarks/bench_train.py --quick     # smoke run: 4 epochs, seed default only
+    python benchmarks/bench_train.py --time-to-quality --seeds 1,2,3,4,5   # about 15 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "milling"
+MAT_NAME = "mill_partial_no_AE_spindle.mat"
+LABELS_NAME = "labels_with_tool_class.csv"
+PAPER_BEST = {
+    "beta": 3.92,
+    "codings_size": 21,
+    "start_filter_no": 16,
+    "kernel_size": 3,
+    "dilations": "1,2,4,8",
+    "conv_layers": 2,
+    "final_activation": "selu",
+}
+CONFIGS = {"seed default": {}, "paper best": PAPER_BEST}
+TARGET_SPEEDUP = 2.0
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of float32 n x n matmul rate with numpy: the machine's attainable dense rate."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    a @ b  # warm the BLAS threads
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2.0 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def forward_flops_per_window(model, window_size: int, n_signals: int) -> float:
+    """TensorFlow's FLOP count of one window's forward pass (encoder and decoder of the mean)."""
+    import tensorflow as tf
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    spec = tf.TensorSpec([1, window_size, n_signals], tf.float32)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    opts = option_builder.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    return float(model_analyzer.profile(graph, options=opts).total_float_ops)
+
+
+def run_arm(
+    arm: str,
+    config: str,
+    epochs: int,
+    data_dir: Path,
+    *,
+    seed: int | None = None,
+    patience: int | None = None,
+    target: float | None = None,
+    schedule: dict | None = None,
+) -> dict:
+    """Train one arm in this process and return its measurements.
+
+    Without `patience` every epoch runs (throughput); with it, early stopping as in a real run.
+    With `target`, training stops at the first epoch whose validation loss is <= target.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.simplefilter("ignore")
+    import keras
+
+    from millvae.config import make_config
+    from millvae.data import prepare
+    from millvae.evaluate import evaluate
+    from millvae.model import build_vae
+    from millvae.scoring import window_scores
+    from millvae.train import fit
+
+    cfg = make_config(
+        data=str(data_dir / MAT_NAME),
+        labels=str(data_dir / LABELS_NAME),
+        signals="available",
+        epochs=epochs,
+        # without a patience, no early stop: both arms run every epoch
+        earlystop_patience=epochs if patience is None else patience,
+        **({} if seed is None else {"seed": seed}),
+        **CONFIGS[config],
+        **(schedule or {}),
+    )
+    prepared = prepare(cfg)
+    x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
+    times: list[float] = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self._t0)
+            val_losses.append(float((logs or {}).get("val_loss", float("nan"))))
+            if target is not None and val_losses[-1] <= target:
+                self.model.stop_training = True
+
+    val_losses: list[float] = []
+
+    if arm == "ref":
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_vae(
+            window_size=cfg.window_size,
+            n_signals=x_train.shape[2],
+            codings_size=cfg.codings_size,
+            conv_layers=cfg.conv_layers,
+            start_filter_no=cfg.start_filter_no,
+            kernel_size=cfg.kernel_size,
+            dilations=cfg.dilations,
+            final_activation=cfg.final_activation,
+            beta=cfg.beta,
+            seed=cfg.seed,
+        )
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        stop = []
+        if patience is not None:
+            stop = [
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss",
+                    min_delta=0.0002,
+                    patience=patience,
+                    restore_best_weights=True,
+                )
+            ]
+        hist = model.fit(
+            x_train,
+            batch_size=cfg.batch_size,
+            epochs=epochs,
+            shuffle=True,
+            validation_data=(x_val,),
+            callbacks=[EpochTimer(), *stop],
+            verbose=0,
+        )
+        history = hist.history
+    else:
+        model, frame, _ = fit(cfg, prepared, callbacks=[EpochTimer()], verbose=0)
+        history = {k: frame[k].tolist() for k in frame.columns}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    import tensorflow as tf
+
+    scores = window_scores(model, prepared.x, prepared.signal_names)
+    ev = evaluate(scores, prepared.windows, ["mse", "kl"], n_boot=0)
+    flops = forward_flops_per_window(model, cfg.window_size, x_train.shape[2])
+    later = times[1:] or times
+    median = statistics.median(later)
+    return {
+        "arm": arm,
+        "config": config,
+        "epochs": len(times),
+        "first_s": times[0],
+        "epoch_s": median,
+        "windows_per_s": len(x_train) / median,
+        "train_flops_per_window": 3.0 * flops,
+        "peak_rss_mib": peak_rss,
+        "loss": float(history["loss"][-1]),
+        "val_loss": float(history["val_loss"][-1]),
+        "test_ap_mse": ev.metrics.get("test_ap_mse", float("nan")),
+        "test_ap_kl": ev.metrics.get("test_ap_kl", float("nan")),
+        "val_losses": val_losses,
+        "epoch_times": times,
+        "threads": f"{tf.config.threading.get_intra_op_parallelism_threads()}/"
+        f"{tf.config.threading.get_inter_op_parallelism_threads()}",
+    }
+
+
+def spawn_arm(arm: str, config: str, epochs: int, data_dir: Path, **extra) -> dict:
+    cmd = [
+        sys.executable, __file__, "--arm", arm, "--config", config,
+        "--epochs", str(epochs), "--data-dir", str(data_dir), "--extra", json.dumps(extra),
+    ]  # fmt: skip
+    print(f"{config}: {arm} {extra or ''} ...", flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        sys.exit(f"{config} / {arm} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def report(rows: list[dict], matmul: float, tolerance: float) -> None:
+    head = (
+        "config", "arm", "threads", "s/epoch", "1st epoch s", "windows/s", "GFLOP/s",
+        "% matmul", "peak RSS MiB", "loss", "val_loss", "test AP mse", "test AP kl",
+    )  # fmt: skip
+    table = [head]
+    for r in rows:
+        gflops = r["windows_per_s"] * r["train_flops_per_window"] / 1e9
+        table.append(
+            (
+                r["config"],
+                r["arm"],
+                r["threads"],
+                f"{r['epoch_s']:.3f}",
+                f"{r['first_s']:.2f}",
+                f"{r['windows_per_s']:,.0f}",
+                f"{gflops:.1f}",
+                f"{100 * gflops / matmul:.0f}",
+                f"{r['peak_rss_mib']:,.0f}",
+                f"{r['loss']:.4f}",
+                f"{r['val_loss']:.4g}",
+                f"{r['test_ap_mse']:.3f}",
+                f"{r['test_ap_kl']:.3f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print()
+    for row in table:
+        print(
+            "  ".join(
+                c.rjust(w) if i > 1 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    print(f"\nfloat32 matmul rate (numpy 2048x2048, best of 5): {matmul:.0f} GFLOP/s")
+    for config in dict.fromkeys(r["config"] for r in rows):
+        ref = next(r for r in rows if r["config"] == config and r["arm"] == "ref")
+        opt = next(r for r in rows if r["config"] == config and r["arm"] == "millvae")
+        speed = opt["windows_per_s"] / ref["windows_per_s"]
+        first = ref["first_s"] / opt["first_s"]
+        rel = abs(opt["val_loss"] - ref["val_loss"]) / max(abs(ref["val_loss"]), 1e-12)
+        verdict = "meets" if speed >= TARGET_SPEEDUP else "misses"
+        same = "within" if rel <= tolerance else "OUTSIDE"
+        print(
+            f"{config}: {speed:.2f}x windows/s ({verdict} target >= {TARGET_SPEEDUP:g}x), "
+            f"first epoch {first:.2f}x faster; val_loss differs by {100 * rel:.2f} % ({same} "
+            f"{100 * tolerance:g} %), training FLOPs {ref['train_flops_per_window'] / 1e6:.1f} "
+            f"MFLOP/window"
+        )
+
+
+def time_to_quality(args) -> None:
+    """Reference to early stop vs onecycle to the reference's best validation loss."""
+    schedule = {
+        "lr_schedule": "onecycle",
+        "lr_max": args.lr_max,
+        "lr_cycle_epochs": args.cycle_epochs,
+        "bn_momentum": args.bn_momentum,
+        **json.loads(args.candidate),
+    }
+    cache = {}
+    if args.ref_cache and args.ref_cache.is_file():
+        cache = json.loads(args.ref_cache.read_text())
+    rows = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        key = f"{seed}/{args.patience}"
+        if key not in cache:
+            cache[key] = spawn_arm(
+                "ref", "paper best", 1000, args.data_dir, seed=seed, patience=args.patience
+            )
+            if args.ref_cache:
+                args.ref_cache.write_text(json.dumps(cache))
+        ref = cache[key]
+        best = min(ref["val_losses"])
+        at = ref["val_losses"].index(best)
+        ref_s = sum(ref["epoch_times"][: at + 1])
+        one = spawn_arm(
+            "millvae", "paper best", 1000, args.data_dir,
+            seed=seed, patience=args.patience, target=best, schedule=schedule,
+        )  # fmt: skip
+        hit = next((i for i, v in enumerate(one["val_losses"]) if v <= best), None)
+        one_s = sum(one["epoch_times"][: hit + 1]) if hit is not None else float("nan")
+        rows.append((seed, best, at + 1, ref["epochs"], ref_s, hit, one_s, min(one["val_losses"])))
+    print(
+        f"\ntime to quality, paper best: reference (plain model.fit, constant Adam "
+        f"{make_lr()}) until early stop (patience {args.patience}) vs millvae with {schedule} "
+        "until val_loss <= the reference's best"
+    )
+    print(
+        "seed  ref best val_loss  ref epochs to best / run  ref s to best  "
+        "onecycle epochs  onecycle s  ratio"
+    )
+    for seed, best, at, n, ref_s, hit, one_s, one_best in rows:
+        if hit is None:
+            print(
+                f"{seed:4d}  {best:17.5f}  {at:10d} / {n:4d}  {ref_s:13.1f}  "
+                f"not reached (best {one_best:.5f})"
+            )
+            continue
+        print(
+            f"{seed:4d}  {best:17.5f}  {at:10d} / {n:4d}  {ref_s:13.1f}  {hit + 1:15d}  "
+            f"{one_s:10.1f}  {one_s / ref_s:5.2f}"
+        )
+    ratios = [r[6] / r[4] for r in rows if r[5] is not None]
+    if ratios:
+        print(
+            f"median wall-time ratio {statistics.median(ratios):.2f} (target <= 0.33); "
+            f"reached in {len(ratios)} of {len(rows)} seeds"
+        )
+
+
+def make_lr() -> str:
+    from millvae.config import PARAM_DEFAULTS
+
+    return PARAM_DEFAULTS["learning_rate"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--epochs", type=int, default=20, help="fixed epochs per arm")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="relative val_loss gap")
+    parser.add_argument("--quick", action="store_true", help="4 epochs, seed default only")
+    parser.add_argument("--arm", choices=("ref", "millvae"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--time-to-quality", action="store_true", help="schedule comparison")
+    parser.add_argument("--seeds", default="1,2,3", help="training seeds (--time-to-quality)")
+    parser.add_argument("--patience", type=int, default=40, help="early-stopping patience")
+    parser.add_argument("--lr-max", type=float, default=0.005, help="onecycle peak rate")
+    parser.add_argument("--cycle-epochs", type=int, default=40, help="onecycle length")
+    parser.add_argument("--bn-momentum", type=float, default=0.9, help="candidate's momentum")
+    parser.add_argument(
+        "--candidate", default="{}", help="JSON of run parameters for the candidate arm"
+    )
+    parser.add_argument("--ref-cache", type=Path, help="JSON file to reuse reference runs from")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first epoch is timed apart)")
+    if args.arm:  # a child: one arm, one configuration
+        extra = json.loads(args.extra)
+        result = run_arm(args.arm, args.config, args.epochs, args.data_dir, **extra)
+        print("RESULT " + json.dumps(result))
+        return 0
+    sys.stdout.reconfigure(line_buffering=True)
+    absent = [p for p in (args.data_dir / MAT_NAME, args.data_dir / LABELS_NAME) if not p.is_file()]
+    if absent:
+        print(f"skipped: real milling data absent ({', '.join(map(str, absent))})")
+        return 0
+    if args.time_to_quality:
+        time_to_quality(args)
+        return 0
+    configs = ["seed default"] if args.quick else list(CONFIGS)
+    epochs = 4 if args.quick else args.epochs
+    matmul = matmul_gflops()
+    rows = [spawn_arm(arm, c, epochs, args.data_dir) for c in configs for arm in ("ref", "millvae")]
+    report(rows, matmul, args.tolerance)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""TensorFlow's CPU threads sized to the cores this process may use.
+
+TensorFlow's defaults give one pool of intra-op threads per core *and* one inter-op thread per core,
+so on a 2-core machine up to four busy threads share two cores. The β-VAE's graph is a chain of
+small ops with little to run side by side, and the oversubscription cost about a third of the
+seed default's epoch time here (0.61 s/epoch by default, 0.41 s with intra = cores, inter = 1; see
+`benchmarks/bench_train.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: CPU affinity, capped by a cgroup v2 CPU quota if any."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def configure_threads(threads: int = 0) -> bool:
+    """Intra-op threads = `threads` (0: `usable_cores()`), one inter-op thread.
+
+    Environment variables TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS, when set, win. Returns
+    False when TensorFlow already started its thread pools (they cannot change then).
+    """
+    import tensorflow as tf
+
+    intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or threads or usable_cores())
+    inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or 1)
+    try:
+        if tf.config.threading.get_intra_op_parallelism_threads() != intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if tf.config.threading.get_inter_op_parallelism_threads() != inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # the runtime is initialised: keep what it has
+        return False
+    return True
