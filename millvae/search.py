@@ -27,6 +27,8 @@ PARENT_TAG = "millvae.search_parent"
 TRIAL_TAG = "millvae.trial_index"
 PID_TAG = "millvae.worker_pid"
 HOST_TAG = "millvae.host"
+# A worker whose resident memory grew by this much since its first trial hands over to a new one.
+RECYCLE_MIB = 1024
 # The seed's random search (plus the final activation, which the paper also searched).
 DEFAULT_SPACE = {
     "beta": {"uniform": [0.5, 9.0]},
@@ -314,6 +316,17 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
             pass
 
 
+def recycle_mib() -> float:
+    """Memory growth (MiB) after which a worker is replaced: MILLVAE_RECYCLE_MIB, 0 = never."""
+    raw = os.environ.get("MILLVAE_RECYCLE_MIB", "")
+    try:
+        return float(raw) if raw.strip() else float(RECYCLE_MIB)
+    except ValueError:
+        raise MillvaeError(
+            f"MILLVAE_RECYCLE_MIB: expected a number of MiB (0 = never); got {raw!r}"
+        ) from None
+
+
 def _rss_mib() -> float:
     """Resident memory of this process now (Linux /proc; peak RSS elsewhere)."""
     try:
@@ -349,12 +362,22 @@ def _worker_main(search: Search, tasks, results, threads: int) -> None:
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     cache: dict = {}
+    limit = recycle_mib()
+    baseline = None
     while True:
         index = tasks.get()
         if index is None:
             break
         results.put({"index": index, "status": "RUNNING", "pid": os.getpid()})
         results.put(run_trial(search, index, cache))
+        rss = _rss_mib()
+        if baseline is None:
+            baseline = rss  # after the first trial: TensorFlow, the data and one model in place
+        elif limit and rss - baseline > limit:
+            # TensorFlow keeps the traced functions of every model fitted in a process (tens of
+            # MiB a trial, also after clear_session); a fresh worker takes over the queue
+            results.put({"status": "RETIRED", "pid": os.getpid(), "rss_mib": rss})
+            break
     # Every run this worker started has ended and its results are queued: flush them, then leave
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
     results.close()
@@ -445,7 +468,8 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
     ]
     for p in procs:
         p.start()
-    ended = 0
+    recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
+    ended = started = 0
     try:
         while ended < len(todo):
             try:
@@ -454,8 +478,17 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
                 if not any(p.is_alive() for p in procs):
                     break  # every worker died; what is left RUNNING is reaped on the next start
                 continue
+            if r["status"] == "RETIRED":
+                # its end-of-queue marker is still queued; the replacement takes it
+                if started < len(todo):
+                    p = ctx.Process(target=_worker_main, args=(search, tasks, results, threads))
+                    p.start()
+                    procs.append(p)
+                continue
             progress.update(r)
-            if r["status"] != "RUNNING":
+            if r["status"] == "RUNNING":
+                started += 1
+            else:
                 ended += 1
     finally:
         for p in procs:

@@ -138,8 +138,8 @@ def test_failed_trials_do_not_stop_the_search_and_resume_skips_finished(
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in runs)
 
 
-def _search_proc(tmp_path, small_mat, search_id, workers, n_iter, patience, epochs):
-    env = os.environ.copy()
+def _search_proc(tmp_path, small_mat, search_id, workers, n_iter, patience, epochs, env=None):
+    env = {**os.environ, **(env or {})}
     cmd = [
         sys.executable,
         "-m",
@@ -216,3 +216,18 @@ def test_four_workers_on_the_default_sqlite_store(tracking, small_mat, tmp_path)
         hist = mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_loss")
         assert [m.step for m in hist] == list(range(1, len(hist) + 1)) and hist
     assert len({r.data.tags["millvae.worker_pid"] for r in runs}) > 1
+
+
+@pytest.mark.slow
+def test_a_worker_whose_memory_grew_hands_over_to_a_fresh_one(tracking, small_mat, tmp_path):
+    # any growth at all retires a worker after its second trial (the first sets the baseline):
+    # 4 trials on one worker slot take two workers, two trials each
+    proc = _search_proc(tmp_path, small_mat, "r1", 1, 4, 2, 1, env={"MILLVAE_RECYCLE_MIB": "-1e9"})
+    out = _finish(proc, 900)
+    assert proc.returncode == 0, out[-3000:]
+    runs = _finished_once("r1", 4)
+    pids = [
+        r.data.tags["millvae.worker_pid"] for r in sorted(runs, key=lambda r: r.info.start_time)
+    ]
+    assert len(set(pids)) == 2 and pids[0] == pids[1] and pids[2] == pids[3], pids
+    assert all(r.data.metrics["worker_rss_mib"] > 0 for r in runs)
