@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from millvae.config import TrainConfig, make_config
+from millvae.config import PAPER_BEST, TrainConfig, make_config
 from millvae.data import Prepared, prepare
 from millvae.errors import MillvaeError
 from millvae.mat import load_mill
@@ -59,17 +59,6 @@ REFERENCE_EPOCH_S = "0.6-0.8"
 REFERENCE_WINDOWS_PER_S = "3,600-4,900"
 REFERENCE_FIRST_EPOCH_S = "5-10"
 REFERENCE_PREP_S = "~0.36 (seed's way; windowing + scaling ~4x faster vectorised)"
-
-PAPER_BEST = {
-    "beta": 3.92,
-    "codings_size": 21,
-    "start_filter_no": 16,
-    "kernel_size": 3,
-    "dilations": "1,2,4,8",
-    "conv_layers": 2,
-    "final_activation": "selu",
-    "batch_size": 1024,
-}
 
 
 # ---------------------------------------------------------------- the seed's way (reference)

@@ -41,19 +41,12 @@ import time
 import warnings
 from pathlib import Path
 
+from millvae.config import PAPER_BEST, PARAM_DEFAULTS
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "milling"
 MAT_NAME = "mill_partial_no_AE_spindle.mat"
 LABELS_NAME = "labels_with_tool_class.csv"
-PAPER_BEST = {
-    "beta": 3.92,
-    "codings_size": 21,
-    "start_filter_no": 16,
-    "kernel_size": 3,
-    "dilations": "1,2,4,8",
-    "conv_layers": 2,
-    "final_activation": "selu",
-}
 CONFIGS = {"seed default": {}, "paper best": PAPER_BEST}
 TARGET_SPEEDUP = 2.0
 
@@ -111,9 +104,8 @@ def run_arm(
     from millvae.config import make_config
     from millvae.data import prepare
     from millvae.evaluate import evaluate
-    from millvae.model import build_vae
     from millvae.scoring import window_scores
-    from millvae.train import fit
+    from millvae.train import build_model, fit
 
     cfg = make_config(
         data=str(data_dir / MAT_NAME),
@@ -143,19 +135,7 @@ def run_arm(
     val_losses: list[float] = []
 
     if arm == "ref":
-        keras.utils.set_random_seed(cfg.seed)
-        model = build_vae(
-            window_size=cfg.window_size,
-            n_signals=x_train.shape[2],
-            codings_size=cfg.codings_size,
-            conv_layers=cfg.conv_layers,
-            start_filter_no=cfg.start_filter_no,
-            kernel_size=cfg.kernel_size,
-            dilations=cfg.dilations,
-            final_activation=cfg.final_activation,
-            beta=cfg.beta,
-            seed=cfg.seed,
-        )
+        model = build_model(cfg, x_train.shape[2])
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         stop = []
         if patience is not None:
@@ -306,8 +286,8 @@ def time_to_quality(args) -> None:
         rows.append((seed, best, at + 1, ref["epochs"], ref_s, hit, one_s, min(one["val_losses"])))
     print(
         f"\ntime to quality, paper best: reference (plain model.fit, constant Adam "
-        f"{make_lr()}) until early stop (patience {args.patience}) vs millvae with {schedule} "
-        "until val_loss <= the reference's best"
+        f"{PARAM_DEFAULTS['learning_rate']}) until early stop (patience {args.patience}) vs "
+        f"millvae with {schedule} until val_loss <= the reference's best"
     )
     print(
         "seed  ref best val_loss  ref epochs to best / run  ref s to best  "
@@ -330,12 +310,6 @@ def time_to_quality(args) -> None:
             f"median wall-time ratio {statistics.median(ratios):.2f} (target <= 0.33); "
             f"reached in {len(ratios)} of {len(rows)} seeds"
         )
-
-
-def make_lr() -> str:
-    from millvae.config import PARAM_DEFAULTS
-
-    return PARAM_DEFAULTS["learning_rate"]
 
 
 def main(argv: list[str] | None = None) -> int:

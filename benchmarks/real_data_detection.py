@@ -16,18 +16,13 @@ import time
 import warnings
 from pathlib import Path
 
+from millvae import config
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "milling"
-PAPER_BEST = dict(
-    beta=3.92,
-    codings_size=21,
-    start_filter_no=16,
-    kernel_size=3,
-    dilations="1,2,4,8",
-    conv_layers=2,
-    final_activation="selu",
-    batch_size=1024,
-    earlystop_patience=30,  # not published; the lowest patience of the seed's search space
-)
+PAPER_BEST = {
+    **config.PAPER_BEST,
+    "earlystop_patience": 30,  # not published; the lowest patience of the seed's search space
+}
 SEED_DEFAULT: dict = {}
 PAPER = (
     "paper (6 signals, seed protocol, chosen on test): "

@@ -86,6 +86,17 @@ class TrainConfig:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(TrainConfig))
+# The published best model of the seed's random search (Hahn & Mechefske 2021); its early-stopping
+# patience was not published.
+PAPER_BEST = {
+    "beta": 3.92,
+    "codings_size": 21,
+    "start_filter_no": 16,
+    "kernel_size": 3,
+    "dilations": "1,2,4,8",
+    "conv_layers": 2,
+    "final_activation": "selu",
+}
 # The parameters that shape the prepared windows (the rest describe the model and its evaluation).
 PREP_PARAMS = (
     "data",

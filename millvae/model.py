@@ -197,54 +197,61 @@ class BetaVAE(keras.Model):
 
     def encode(self, x: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Mean and log-variance codings of windows x[n, window, signals], in batches."""
-        mean, log_var, _ = self.forward(x, batch_size=batch_size, decode=False)
+        mean, log_var = self._batched("encode", x, batch_size)
         return mean, log_var
 
-    def forward(
-        self, x: Any, batch_size: int = 1024, decode: bool = True
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def forward(self, x: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean, log_var, reconstruction of the mean coding) of windows x, in batches.
 
         One graph traced per model for any batch length, and encoder and decoder in one call:
         `predict` traced a function per sub-model and retraced for the last, shorter batch, which
         cost more than the forward pass itself on the 11k windows of the milling data.
         """
-        x = np.asarray(x, dtype=np.float32)
-        fn = self._graph("_forward_fn" if decode else "_encode_fn", decode)
-        parts = [fn(x[i : i + batch_size]) for i in range(0, len(x), max(1, int(batch_size)))]
-        if not parts:
-            c = self.codings_size
-            empty = np.empty((0, c), np.float32)
-            return empty, empty, (np.empty((0, *x.shape[1:]), np.float32) if decode else None)
-        mean = np.concatenate([np.asarray(p[0]) for p in parts])
-        log_var = np.concatenate([np.asarray(p[1]) for p in parts])
-        recon = np.concatenate([np.asarray(p[2]) for p in parts]) if decode else None
+        mean, log_var, recon = self._batched("forward", x, batch_size)
         return mean, log_var, recon
 
     def decode(self, codings: Any, batch_size: int = 1024) -> np.ndarray:
         """Reconstructions of codings [n, codings_size], in batches."""
-        z = np.asarray(codings, dtype=np.float32)
-        fn = self._graph("_decode_fn", None)
-        out = [np.asarray(fn(z[i : i + batch_size])) for i in range(0, len(z), batch_size)]
-        return np.concatenate(out) if out else np.empty((0, self.window_size, self.n_signals))
+        (recon,) = self._batched("decode", codings, batch_size)
+        return recon
 
-    def _graph(self, name: str, decode: bool | None):
+    def _batched(self, kind: str, data: Any, batch_size: int) -> tuple[np.ndarray, ...]:
+        data = np.asarray(data, dtype=np.float32)
+        if len(data) == 0:  # convolutions refuse an empty batch
+            coding = np.empty((0, self.codings_size), np.float32)
+            recon = np.empty((0, self.window_size, self.n_signals), np.float32)
+            return {"encode": (coding, coding), "forward": (coding, coding, recon)}.get(
+                kind, (recon,)
+            )
+        fn = self._graph(kind)
+        step = max(1, int(batch_size))
+        parts = [fn(data[i : i + step]) for i in range(0, len(data), step)]
+        return tuple(
+            np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))
+        )
+
+    def _graph(self, kind: str):
+        name = f"_{kind}_fn"
         fn = self.__dict__.get(name)
         if fn is None:
-            if decode is None:
-                spec = tf.TensorSpec([None, self.codings_size], tf.float32)
+            windows = tf.TensorSpec([None, self.window_size, self.n_signals], tf.float32)
+            codings = tf.TensorSpec([None, self.codings_size], tf.float32)
 
-                def body(z):
-                    return self.decoder(z, training=False)
-            else:
-                spec = tf.TensorSpec([None, self.window_size, self.n_signals], tf.float32)
+            def encode(x):
+                return tuple(self.encoder(x, training=False))
 
-                def body(x):
-                    mean, log_var = self.encoder(x, training=False)
-                    if not decode:
-                        return mean, log_var, mean
-                    return mean, log_var, self.decoder(mean, training=False)
+            def forward(x):
+                mean, log_var = self.encoder(x, training=False)
+                return mean, log_var, self.decoder(mean, training=False)
 
+            def decode(z):
+                return (self.decoder(z, training=False),)
+
+            body, spec = {
+                "encode": (encode, windows),
+                "forward": (forward, windows),
+                "decode": (decode, codings),
+            }[kind]
             fn = tf.function(body, input_signature=[spec], autograph=False)
             # kept out of Keras' attribute tracking: a cache, not part of the model's state
             self.__dict__[name] = fn

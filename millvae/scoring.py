@@ -35,7 +35,10 @@ def window_scores(
         cols = ["mse", "kl", *[f"mse_{s}" for s in signal_names]]
         return pd.DataFrame({c: np.empty(0) for c in cols})
     sampled = bool(samples and samples > 0)
-    mean, log_var, recon = model.forward(x, batch_size=batch_size, decode=not sampled)
+    if sampled:
+        mean, log_var = model.encode(x, batch_size=batch_size)
+    else:
+        mean, log_var, recon = model.forward(x, batch_size=batch_size)
     mean, log_var = mean.astype(np.float64), log_var.astype(np.float64)
     kl = -0.5 * np.sum(1.0 + log_var - np.exp(log_var) - mean**2, axis=1)
     if sampled:

@@ -462,7 +462,9 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
     n = min(workers, len(todo))
     for _ in range(n):
         tasks.put(None)
-    threads = max(1, _cpu_count() // n)
+    from millvae.runtime import usable_cores
+
+    threads = max(1, usable_cores() // n)
     procs = [
         ctx.Process(target=_worker_main, args=(search, tasks, results, threads)) for _ in range(n)
     ]
@@ -497,12 +499,6 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
                 p.terminate()
     progress.show(final=True)
     return progress
-
-
-def _cpu_count() -> int:
-    from millvae.runtime import usable_cores
-
-    return usable_cores()
 
 
 def summarize(search: Search, top: int = 10) -> dict:

@@ -135,6 +135,25 @@ def _epoch_logger():
     return MlflowEpochLogger()
 
 
+def build_model(cfg: TrainConfig, n_signals: int):
+    """A freshly initialised β-VAE of the run's architecture (seeds Keras with `cfg.seed`)."""
+    from millvae.model import build_vae
+
+    return build_vae(
+        window_size=cfg.window_size,
+        n_signals=n_signals,
+        codings_size=cfg.codings_size,
+        conv_layers=cfg.conv_layers,
+        start_filter_no=cfg.start_filter_no,
+        kernel_size=cfg.kernel_size,
+        dilations=cfg.dilations,
+        final_activation=cfg.final_activation,
+        beta=cfg.beta,
+        seed=cfg.seed,
+        bn_momentum=cfg.bn_momentum,
+    )
+
+
 def learning_rate(cfg: TrainConfig, n_train: int):
     """The run's learning rate: a constant, or the OneCycle schedule over optimizer steps."""
     if cfg.lr_schedule == "constant":
@@ -157,25 +176,11 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     _quiet_tensorflow()
     import keras
 
-    from millvae.model import build_vae
     from millvae.runtime import configure_threads
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
-    keras.utils.set_random_seed(cfg.seed)
     x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
-    model = build_vae(
-        window_size=cfg.window_size,
-        n_signals=len(prepared.signal_names),
-        codings_size=cfg.codings_size,
-        conv_layers=cfg.conv_layers,
-        start_filter_no=cfg.start_filter_no,
-        kernel_size=cfg.kernel_size,
-        dilations=cfg.dilations,
-        final_activation=cfg.final_activation,
-        beta=cfg.beta,
-        seed=cfg.seed,
-        bn_momentum=cfg.bn_momentum,
-    )
+    model = build_model(cfg, len(prepared.signal_names))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, len(x_train))))
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss",
