@@ -4,16 +4,18 @@ For the seed default and the paper's best configuration, two arms train the same
 weights at the start, same data, same batch size, same epochs, no early stop), each in a fresh
 process so first-epoch tracing and peak memory are its own:
 
-(ref)     `build_vae` + `compile(Adam(lr))` + `model.fit(x_train, batch_size, shuffle=True,
-          validation_data=(x_val,))`, TensorFlow's thread defaults; what a Keras user writes.
+(ref)     `build_vae` with keras-tcn's own TCN layers (Keras' Conv1D) + `compile(Adam(lr))` +
+          `model.fit(x_train, batch_size, shuffle=True, validation_data=(x_val,))`, TensorFlow's
+          thread defaults; what a Keras user writes.
 (millvae) `millvae.train.fit`, the path every `main` run and search trial takes.
 
 Per arm: seconds per epoch (median after the first), first-epoch seconds, training windows per
 second, achieved GFLOP/s (TensorFlow's own FLOP count of one forward pass x 3 for forward and
 backward) and its share of this machine's float32 matmul rate (numpy 2048x2048, measured in the
 same command), peak RSS, final training and validation loss, and test AP of the mse and kl scores.
-Then per configuration: the speed-up (target >= 2x windows per second) and whether both reach the
-same validation loss within --tolerance. Nothing is asserted on timing.
+Then per configuration: the speed-up (target >= 2x windows per second), whether the untrained
+model's reconstruction loss agrees to 1e-5 (the same computation) and whether both reach the same
+best validation loss in --epochs within --tolerance. Nothing is asserted on timing.
 
 With --time-to-quality, for the paper's best configuration and each of --seeds: the reference
 (plain `model.fit`, the seed's constant Adam rate) trains until early stopping (patience
@@ -23,7 +25,7 @@ With --time-to-quality, for the paper's best configuration and each of --seeds: 
 (--candidate '{"lr_max": 0.003}'). Prints epochs and wall seconds of both (target: <= 1/3
 of the reference's wall time).
 
-    python benchmarks/bench_train.py             # 20 epochs per arm, both configurations
+    python benchmarks/bench_train.py             # 50 epochs per arm, both configurations
     python benchmarks/bench_train.py --quick     # smoke run: 4 epochs, seed default only
     python benchmarks/bench_train.py --time-to-quality --seeds 1,2,3,4,5   # about 15 minutes
 """
@@ -49,6 +51,14 @@ MAT_NAME = "mill_partial_no_AE_spindle.mat"
 LABELS_NAME = "labels_with_tool_class.csv"
 CONFIGS = {"seed default": {}, "paper best": PAPER_BEST}
 TARGET_SPEEDUP = 2.0
+# Both arms compute the same sums, but not in the same order (a dilated Conv2D in place of
+# SpaceToBatch + Conv2D, TensorFlow's fused Adam kernel): the untrained model's loss agrees to
+# float rounding, and then the runs drift apart as two training runs do (Adam's first steps turn
+# rounding-level gradient differences into full-size updates). So the trained models are compared
+# on the best val_loss of --epochs (50) against --tolerance (10 %), not on one epoch's val_loss:
+# single epochs jump by 10-25 % late in a run, and early ones are dominated by BatchNorm's lagging
+# moving statistics (1e24 falling to ~10 by epoch 20 for the paper's best configuration).
+INITIAL_TOLERANCE = 1e-5
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -122,7 +132,16 @@ def run_arm(
     x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
     times: list[float] = []
 
+    initial: list[float] = []
+
     class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            # the untrained model's reconstruction BCE (mean coding, no noise drawn), eagerly and
+            # outside the timed epochs: both arms start from the same weights and compute the same
+            x = x_train[:1024]
+            bce = keras.losses.binary_crossentropy(x, self.model(x, training=False))
+            initial.append(float(keras.ops.mean(bce)))
+
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.perf_counter()
 
@@ -135,6 +154,12 @@ def run_arm(
     val_losses: list[float] = []
 
     if arm == "ref":
+        import contextlib
+
+        import millvae.model
+
+        # the TCNs exactly as keras-tcn builds them, with Keras' own Conv1D
+        millvae.model._tcn_conv_layers = contextlib.nullcontext
         model = build_model(cfg, x_train.shape[2])
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         stop = []
@@ -178,7 +203,9 @@ def run_arm(
         "train_flops_per_window": 3.0 * flops,
         "peak_rss_mib": peak_rss,
         "loss": float(history["loss"][-1]),
+        "initial_bce": initial[0],
         "val_loss": float(history["val_loss"][-1]),
+        "best_val_loss": float(min(history["val_loss"])),
         "test_ap_mse": ev.metrics.get("test_ap_mse", float("nan")),
         "test_ap_kl": ev.metrics.get("test_ap_kl", float("nan")),
         "val_losses": val_losses,
@@ -204,7 +231,8 @@ def spawn_arm(arm: str, config: str, epochs: int, data_dir: Path, **extra) -> di
 def report(rows: list[dict], matmul: float, tolerance: float) -> None:
     head = (
         "config", "arm", "threads", "s/epoch", "1st epoch s", "windows/s", "GFLOP/s",
-        "% matmul", "peak RSS MiB", "loss", "val_loss", "test AP mse", "test AP kl",
+        "% matmul", "peak RSS MiB", "loss", "val_loss", "best val_loss", "test AP mse",
+        "test AP kl",
     )  # fmt: skip
     table = [head]
     for r in rows:
@@ -222,6 +250,7 @@ def report(rows: list[dict], matmul: float, tolerance: float) -> None:
                 f"{r['peak_rss_mib']:,.0f}",
                 f"{r['loss']:.4f}",
                 f"{r['val_loss']:.4g}",
+                f"{r['best_val_loss']:.4g}",
                 f"{r['test_ap_mse']:.3f}",
                 f"{r['test_ap_kl']:.3f}",
             )
@@ -241,14 +270,17 @@ def report(rows: list[dict], matmul: float, tolerance: float) -> None:
         opt = next(r for r in rows if r["config"] == config and r["arm"] == "millvae")
         speed = opt["windows_per_s"] / ref["windows_per_s"]
         first = ref["first_s"] / opt["first_s"]
-        rel = abs(opt["val_loss"] - ref["val_loss"]) / max(abs(ref["val_loss"]), 1e-12)
+        rel = abs(opt["best_val_loss"] - ref["best_val_loss"]) / abs(ref["best_val_loss"])
+        rel0 = abs(opt["initial_bce"] - ref["initial_bce"]) / abs(ref["initial_bce"])
         verdict = "meets" if speed >= TARGET_SPEEDUP else "misses"
         same = "within" if rel <= tolerance else "OUTSIDE"
+        same0 = "within" if rel0 <= INITIAL_TOLERANCE else "OUTSIDE"
         print(
             f"{config}: {speed:.2f}x windows/s ({verdict} target >= {TARGET_SPEEDUP:g}x), "
-            f"first epoch {first:.2f}x faster; val_loss differs by {100 * rel:.2f} % ({same} "
-            f"{100 * tolerance:g} %), training FLOPs {ref['train_flops_per_window'] / 1e6:.1f} "
-            f"MFLOP/window"
+            f"first epoch {first:.2f}x faster; untrained model's BCE differs by {rel0:.1e} "
+            f"({same0} {INITIAL_TOLERANCE:g}), best val_loss by {100 * rel:.2f} % ({same} "
+            f"{100 * tolerance:g} %), training FLOPs "
+            f"{ref['train_flops_per_window'] / 1e6:.1f} MFLOP/window"
         )
 
 
@@ -315,8 +347,10 @@ def time_to_quality(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--epochs", type=int, default=20, help="fixed epochs per arm")
-    parser.add_argument("--tolerance", type=float, default=0.02, help="relative val_loss gap")
+    parser.add_argument("--epochs", type=int, default=50, help="fixed epochs per arm")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.10, help="relative gap of the best val_loss"
+    )
     parser.add_argument("--quick", action="store_true", help="4 epochs, seed default only")
     parser.add_argument("--arm", choices=("ref", "millvae"), help=argparse.SUPPRESS)
     parser.add_argument("--config", choices=tuple(CONFIGS), help=argparse.SUPPRESS)

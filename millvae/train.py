@@ -176,12 +176,16 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     _quiet_tensorflow()
     import keras
 
+    from millvae.model import FusedAdam
     from millvae.runtime import configure_threads
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
     x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
     model = build_model(cfg, len(prepared.signal_names))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, len(x_train))))
+    model.compile(optimizer=FusedAdam(learning_rate(cfg, len(x_train))))
+    # Created here, eagerly: left to the first traced step, the optimizer's variables are made
+    # inside the trace (one small function each) and the step is traced twice, ~2 s per model.
+    model.optimizer.build(model.trainable_variables)
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss",
         min_delta=MIN_DELTA,

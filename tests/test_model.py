@@ -291,3 +291,112 @@ def test_onecycle_warms_up_anneals_and_survives_saving(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     got = loaded.optimizer.learning_rate
     assert float(got) == pytest.approx(float(sched(2)))
+
+
+def _plain_keras_tcn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build TCNs as keras-tcn does, with Keras' own Conv1D."""
+    import contextlib
+
+    import millvae.model
+
+    monkeypatch.setattr(millvae.model, "_tcn_conv_layers", contextlib.nullcontext)
+
+
+def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypatch, tmp_path):
+    import millvae.model
+    from millvae.model import CausalConv1D
+
+    x = tf.constant(sinusoid_windows(64, 32, 3, seed=3))
+    fast = build_vae(**SMALL)
+    convs = [
+        layer
+        for layer in fast.encoder._flatten_layers(recursive=True)
+        if isinstance(layer, keras.layers.Conv1D)
+    ]
+    assert convs and all(isinstance(c, CausalConv1D) for c in convs)
+    assert any(c.dilation_rate[0] > 1 for c in convs)
+
+    def loss_and_gradients(model):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = model._loss_terms(x, training=True)[0]
+            return loss, tape.gradient(loss, model.trainable_weights)
+
+        graph = step.get_concrete_function(x).graph
+        loss, grads = step(x)
+        ops_ = {op.type for op in graph.get_operations()}
+        return float(loss), [g.numpy() for g in grads], ops_
+
+    loss, grads, ops_ = loss_and_gradients(fast)
+    assert "SpaceToBatchND" not in ops_
+
+    _plain_keras_tcn(monkeypatch)
+    plain = build_vae(**SMALL)  # same seed: same weights and noise
+    assert not any(
+        isinstance(layer, CausalConv1D) for layer in plain.encoder._flatten_layers(recursive=True)
+    )
+    ref_loss, ref_grads, ref_ops = loss_and_gradients(plain)
+    assert "SpaceToBatchND" in ref_ops  # the path the fast one replaces
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * np.abs(r).max())
+
+    # weights saved from a plain keras-tcn model load into the fast one, and back
+    path = tmp_path / "plain.keras"
+    plain.save(path)
+    monkeypatch.undo()
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.forward(x)[2], plain.forward(x)[2], rtol=1e-5, atol=1e-6)
+
+    # where the runtime has no dilated Conv2D kernel, the layer is Keras' Conv1D again
+    monkeypatch.setattr(millvae.model, "_native_dilated_conv", lambda: False)
+    fallback = build_vae(**SMALL)
+    assert "SpaceToBatchND" in loss_and_gradients(fallback)[2]
+
+
+def _applier(optimizer, variables):
+    @tf.function
+    def apply(grads):
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+
+    return apply
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_fused_adam_matches_keras_adam_and_saves(tmp_path, schedule):
+    from millvae.model import FusedAdam, OneCycle
+
+    shapes = [(3, 8, 8), (8,), (40, 5)]
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(s).astype("float32") for s in shapes]
+    steps = [[rng.standard_normal(s).astype("float32") for s in shapes] for _ in range(25)]
+    finals = {}
+    for cls in (keras.optimizers.Adam, FusedAdam):
+        rate = OneCycle(1e-3, 5e-3, 1e-4, 5, 20) if schedule else 1e-3
+        variables = [keras.Variable(v) for v in start]
+        optimizer = cls(rate)
+
+        apply = _applier(optimizer, variables)
+        for grads in steps:
+            apply([tf.constant(g) for g in grads])
+        finals[cls] = [v.numpy() for v in variables]
+        assert int(optimizer.iterations.numpy()) == len(steps)
+        traced = apply.get_concrete_function([tf.constant(g) for g in steps[0]])
+        graph_ops = [op.type for op in traced.graph.get_operations()]
+        fused = graph_ops.count("ResourceApplyAdam")
+        assert fused == (len(shapes) if cls is FusedAdam else 0)
+    for got, want in zip(finals[FusedAdam], finals[keras.optimizers.Adam], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    # a model compiled with it saves and loads with its optimizer state
+    model = build_vae(**SMALL)
+    model.compile(optimizer=FusedAdam(1e-3))
+    x = sinusoid_windows(64, 32, 3, seed=1)
+    model.fit(x, epochs=1, batch_size=32, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer) is FusedAdam
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    loaded.fit(x, epochs=1, batch_size=32, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
