@@ -2,9 +2,10 @@
 
 TensorFlow's defaults give one pool of intra-op threads per core *and* one inter-op thread per core,
 so on a 2-core machine up to four busy threads share two cores. The β-VAE's graph is a chain of
-small ops with little to run side by side, and the oversubscription cost about a third of the
-seed default's epoch time here (0.61 s/epoch by default, 0.41 s with intra = cores, inter = 1; see
-`benchmarks/bench_train.py`).
+small ops with little to run side by side. Measured with `benchmarks/bench_train.py`, the setting
+is worth 0.95x-1.4x in epoch time from one run to the next; what it buys reliably is steadiness
+(the defaults' epoch time varied 0.37-0.47 s between runs, this one 0.39-0.41 s). Search workers
+need it to share the cores without oversubscribing them.
 """
 
 from __future__ import annotations
