@@ -111,7 +111,11 @@ class CausalConv1D(keras.layers.Conv1D):
 @contextlib.contextmanager
 def _tcn_conv_layers() -> Iterator[None]:
     """keras-tcn builds its convolutions from the name `tcn.tcn.Conv1D` when a TCN is first
-    called; within this block that name is `CausalConv1D`."""
+    called; within this block that name is `CausalConv1D`.
+
+    Two threads building models at once may see the plain Conv1D for some layers: slower layers,
+    the same model.
+    """
     original = tcn.tcn.Conv1D
     tcn.tcn.Conv1D = CausalConv1D
     try:
