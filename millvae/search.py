@@ -374,8 +374,8 @@ def _worker_main(search: Search, tasks, results, threads: int) -> None:
         if baseline is None:
             baseline = rss  # after the first trial: TensorFlow, the data and one model in place
         elif limit and rss - baseline > limit:
-            # TensorFlow keeps the traced functions of every model fitted in a process (tens of
-            # MiB a trial, also after clear_session); a fresh worker takes over the queue
+            # A guard: trials no longer grow a worker (Keras' Adam left ~80 MiB of graph state
+            # per fit; FusedAdam does not), but anything that does is capped by a fresh worker.
             results.put({"status": "RETIRED", "pid": os.getpid(), "rss_mib": rss})
             break
     # Every run this worker started has ended and its results are queued: flush them, then leave

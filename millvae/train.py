@@ -234,7 +234,11 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         bad = int(history.loc[~np.isfinite(history["loss"]), "epoch"].iloc[0])
         raise MillvaeError(f"training diverged: loss is not finite at epoch {bad}")
     if not np.isfinite(history["val_loss"]).any():
-        raise MillvaeError("training diverged: val_loss was never finite")
+        raise MillvaeError(
+            f"training: expected a finite val_loss in some epoch; all {len(history)} were inf or "
+            "nan (in the first epochs BatchNorm's moving statistics lag the weights: train for "
+            "more epochs or lower bn_momentum)"
+        )
     # the epoch whose weights EarlyStopping restored (gains below min_delta do not count)
     history.attrs["best_epoch"] = int(stopper.best_epoch) + 1
     return model, history, seconds

@@ -178,3 +178,32 @@ def test_continuing_a_run_whose_params_mlflow_run_logged_differently(
     done = client.get_run(run.info.run_id)
     assert done.info.status == "FINISHED"
     assert done.data.params["beta"] == "1.250" and done.data.params["codings_size"] == "4"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc (Linux)")
+def test_repeated_fits_do_not_grow_the_process(synthetic_mat):
+    # Keras' own Adam left ~20 MiB per fit of this architecture in the process (~80 MiB for the
+    # paper's on real data), also after clear_session and gc; a search worker fits hundreds.
+    script = f"""
+import gc, json, keras
+from millvae.config import make_config
+from millvae.data import prepare
+from millvae.train import fit
+cfg = make_config(data={str(synthetic_mat)!r}, codings_size=4, start_filter_no=8, conv_layers=2,
+                  dilations="1,2,4,8", kernel_size=3, epochs=1, batch_size=512)
+prepared = prepare(cfg)
+rss = []
+for _ in range(6):
+    fit(cfg, prepared, verbose=0)
+    keras.backend.clear_session()
+    gc.collect()
+    rss.append(int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20)
+print(json.dumps(rss))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    # after the second fit everything that is allocated once is in place
+    assert rss[-1] - rss[1] < 30, f"resident MiB after each fit: {[round(r) for r in rss]}"
