@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: millvae {train,baseline,register,download} [options]\n"
+            "usage: millvae {train,search,repeat,baseline,register,download} [options]\n"
             "  train     train one β-VAE as one MLflow run (`millvae train --help`)\n"
             "  search    random search: one run per ParameterSampler draw, parallel, resumable\n"
             "  repeat    one configuration over several split seeds, mean ± spread\n"
@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    warnings.simplefilter("default")
+    warnings.simplefilter("default")  # our own warnings (dropped records, ...) are for the user
+    # libraries' deprecation notices (SQLAlchemy's from MLflow's store, ...) are not
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="millvae")
     _install_sigterm()
     try:
         if argv[0] == "download":
