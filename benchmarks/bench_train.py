@@ -120,7 +120,7 @@ def run_arm(
     from millvae.data import prepare
     from millvae.evaluate import evaluate
     from millvae.scoring import window_scores
-    from millvae.train import build_model, fit
+    from millvae.train import MIN_DELTA, build_model, fit
 
     cfg = make_config(
         data=str(data_dir / MAT_NAME),
@@ -172,7 +172,7 @@ def run_arm(
             stop = [
                 keras.callbacks.EarlyStopping(
                     monitor="val_loss",
-                    min_delta=0.0002,
+                    min_delta=MIN_DELTA,
                     patience=patience,
                     restore_best_weights=True,
                 )

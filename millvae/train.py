@@ -202,6 +202,8 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
     x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
+    if len(x_val) == 0:
+        raise MillvaeError("split: expected healthy windows in the validation split; found none")
     model = build_model(cfg, len(prepared.signal_names))
     model.compile(optimizer=FusedAdam(learning_rate(cfg, len(x_train))))
     # Created here, eagerly: left to the first traced step, the optimizer's variables are made
@@ -214,8 +216,6 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         restore_best_weights=True,
         verbose=0,
     )
-    if len(x_val) == 0:
-        raise MillvaeError("split: expected healthy windows in the validation split; found none")
     train_data, val_data = _datasets(x_train, x_val, cfg.batch_size, cfg.seed)
     t0 = time.perf_counter()
     hist = model.fit(
