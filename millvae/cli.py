@@ -60,8 +60,9 @@ def train_main(argv: list[str]) -> int:
     args = vars(_train_parser().parse_args(argv))
     quiet = args.pop("quiet")
     cfg = make_config(**args)
-    from millvae.train import train_run
+    from millvae.train import preload, train_run
 
+    preload()
     result = train_run(cfg, verbose=0 if quiet else 2)
     print(
         f"millvae: run {result.run_id} finished: {result.epochs_trained} epochs, best val loss "

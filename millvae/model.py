@@ -520,3 +520,27 @@ CUSTOM_OBJECTS: dict[str, type] = {
     "OneCycle": OneCycle,
     "FusedAdam": FusedAdam,
 }
+
+
+_SAVEABLE_TYPES = ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer", "Loss")
+
+
+def warm_keras_saving() -> None:
+    """Let Keras' `.keras` save and load reuse its per-type attribute skip sets.
+
+    Keras 3.15's `saving_lib.get_attr_skipset` stores each set under `saving_attr_skipset_<type>`
+    but looks it up under `saving_attr_skiplist_<type>`, so every layer, metric and optimizer
+    walked builds a throw-away reference object and lists its attributes again: half the time of
+    saving the β-VAE, paid twice per run (model and detector). Seeding the key it reads fixes that;
+    `keras.backend.clear_session()` forgets it, so callers run this right before saving/loading.
+    """
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.saving import saving_lib
+
+        for kind in _SAVEABLE_TYPES:
+            key = f"saving_attr_skiplist_{kind}"
+            if global_state.get_global_attribute(key) is None:
+                global_state.set_global_attribute(key, saving_lib.get_attr_skipset(kind))
+    except (ImportError, AttributeError, ValueError):  # another Keras: nothing to warm
+        pass

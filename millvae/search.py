@@ -345,10 +345,10 @@ def _configure_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _worker_main(search: Search, tasks, results, threads: int) -> None:
-    _configure_threads(threads)
+def _worker_main(setup, tasks, results) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver's run is not ours to continue
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import warnings
 
     warnings.simplefilter("ignore")
@@ -356,11 +356,21 @@ def _worker_main(search: Search, tasks, results, threads: int) -> None:
 
     import tensorflow as tf
 
+    from millvae.train import preload
+
+    # Imports first (about 3 s), while the driver opens the store and the parent run; TensorFlow's
+    # thread pools are sized only when the first op runs, after the driver says how many workers.
+    preload()
+    tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    job = setup.get()
+    if job is None:  # the driver found less to do than workers started
+        os._exit(0)
+    search, threads = job
+    _configure_threads(threads)
     from millvae.runtime import configure_threads
 
     configure_threads(threads)
-    tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     cache: dict = {}
     limit = recycle_mib()
     baseline = None
@@ -431,8 +441,62 @@ class Progress:
         self.stream.flush()
 
 
-def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
-    """Run this shard's pending trials with `workers` processes (0 = in this process)."""
+class WorkerPool:
+    """Worker processes, started before the driver's own setup so their imports overlap it.
+
+    Each worker imports TensorFlow and the training code, then waits for `(search, threads)` on the
+    setup queue; `use` hands that to as many workers as there is work for and lets the rest go.
+    """
+
+    def __init__(self, size: int) -> None:
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("spawn")  # TensorFlow does not survive fork
+        self.size = size
+        self.setup, self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue(), self.ctx.Queue()
+        self.procs = [self._start() for _ in range(size)]
+        self.job: tuple | None = None
+        self._closed = False
+
+    def _start(self):
+        p = self.ctx.Process(target=_worker_main, args=(self.setup, self.tasks, self.results))
+        p.start()
+        return p
+
+    def use(self, search: Search, n: int) -> int:
+        """Put n workers to work on `search` (the CPU divided between them); returns n."""
+        from millvae.runtime import usable_cores
+
+        n = max(0, min(n, self.size))
+        self.job = (search, max(1, usable_cores() // max(n, 1)))
+        for k in range(self.size):
+            self.setup.put(self.job if k < n else None)
+        return n
+
+    def replace_one(self) -> None:
+        """A fresh worker for one that retired (see MILLVAE_RECYCLE_MIB)."""
+        self.procs.append(self._start())
+        self.setup.put(self.job)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.job is None:  # never used (the driver failed first): let every worker go
+            for _ in self.procs:
+                self.setup.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+def run_search(
+    search: Search, workers: int, verbose: int = 0, pool: WorkerPool | None = None
+) -> Progress:
+    """Run this shard's pending trials with `workers` processes (0 = in this process); `pool`:
+    workers started earlier (see `WorkerPool`)."""
+    recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
     client = _client()
     reaped = reap_dead_trials(client, search)
     todo = pending_trials(client, search)
@@ -444,6 +508,9 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
         flush=True,
     )
     progress = Progress(len(todo), search.metric)
+    if not todo or workers <= 0:
+        if pool is not None:
+            pool.close()
     if not todo:
         return progress
     if workers <= 0:
@@ -453,24 +520,15 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
             progress.update(run_trial(search, i, cache, verbose=verbose))
         progress.show(final=True)
         return progress
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # TensorFlow does not survive fork
-    tasks, results = ctx.Queue(), ctx.Queue()
+    if pool is None:
+        pool = WorkerPool(min(workers, len(todo)))
+    tasks, results = pool.tasks, pool.results
     for i in todo:
         tasks.put(i)
-    n = min(workers, len(todo))
+    n = pool.use(search, min(pool.size, len(todo)))
     for _ in range(n):
         tasks.put(None)
-    from millvae.runtime import usable_cores
-
-    threads = max(1, usable_cores() // n)
-    procs = [
-        ctx.Process(target=_worker_main, args=(search, tasks, results, threads)) for _ in range(n)
-    ]
-    for p in procs:
-        p.start()
-    recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
+    procs = pool.procs
     ended = started = 0
     try:
         while ended < len(todo):
@@ -483,9 +541,7 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
             if r["status"] == "RETIRED":
                 # its end-of-queue marker is still queued; the replacement takes it
                 if started < len(todo):
-                    p = ctx.Process(target=_worker_main, args=(search, tasks, results, threads))
-                    p.start()
-                    procs.append(p)
+                    pool.replace_one()
                 continue
             progress.update(r)
             if r["status"] == "RUNNING":
@@ -493,10 +549,7 @@ def run_search(search: Search, workers: int, verbose: int = 0) -> Progress:
             else:
                 ended += 1
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+        pool.close()
     progress.show(final=True)
     return progress
 
@@ -635,10 +688,44 @@ def main(argv: list[str] | None = None) -> int:
     # overrides are validated once, up front, with defaults standing in for the sampled values
     make_config(**overrides)
     search_id = args["search_id"] or default_search_id(spec, n_iter, seed, overrides)
+    recycle_mib()
+    mine = sum(1 for i in range(n_iter) if i % n_shards == shard)
+    # started before the store is opened: their imports overlap the driver's setup
+    pool = WorkerPool(min(workers, mine)) if workers > 0 and mine else None
+    try:
+        search = _open_search(
+            args["experiment"], search_id, spec, n_iter, seed, overrides, metric, trials,
+            shard, n_shards, stale,
+        )  # fmt: skip
+        run_search(search, workers, pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
+    stats = summarize(search)
+    print(
+        f"search {search.search_id}: {stats['n_finished']}/{stats['n_trials']} trials finished, "
+        f"{stats['n_failed']} failed; parent run {search.parent_id}"
+    )
+    return 0
 
+
+def _open_search(
+    exp_name: str,
+    search_id: str,
+    spec: dict,
+    n_iter: int,
+    seed: int,
+    overrides: dict,
+    metric: str,
+    trials: list[dict],
+    shard: int,
+    n_shards: int,
+    stale: float,
+) -> Search:
+    """The experiment and the search's parent run, found or created."""
     import mlflow
 
-    exp = mlflow.set_experiment(args["experiment"])
+    exp = mlflow.set_experiment(exp_name)
     client = _client()
     description = {
         "n_iter": str(n_iter),
@@ -666,10 +753,4 @@ def main(argv: list[str] | None = None) -> int:
         stale,
         driver_run_id=driver,
     )
-    run_search(search, workers)
-    stats = summarize(search)
-    print(
-        f"search {search_id}: {stats['n_finished']}/{stats['n_trials']} trials finished, "
-        f"{stats['n_failed']} failed; parent run {parent}"
-    )
-    return 0
+    return search

@@ -45,6 +45,21 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def preload() -> None:
+    """Import what a training run uses, then keep the garbage collector off it (see
+    `millvae.runtime.settle_gc`)."""
+    _quiet_tensorflow()
+    import mlflow  # noqa: F401
+
+    import millvae.detector
+    import millvae.evaluate
+    import millvae.model
+    import millvae.plots  # noqa: F401
+    from millvae.runtime import settle_gc
+
+    settle_gc()
+
+
 @contextmanager
 def tracked_run(
     cfg: TrainConfig,
@@ -380,41 +395,27 @@ def _log_data(p: Prepared) -> None:
     mlflow.log_metrics({k: float(v) for k, v in p.counts().items()})
 
 
-class _TensorflowFlavorNoReload:
-    """`mlflow.tensorflow` as a flavor for `Model.log`, without MLflow's serving check.
-
-    After saving, `mlflow.tensorflow.log_model` loads the model back from disk and predicts the
-    input example: about 1 s per model, a second deserialisation of what is in memory, and so a
-    large share of a search trial's time outside `fit`. Here the example is a slice of the data the
-    model was just called on to infer the signature, and tests load and serve logged models.
-    `Model.log` reads `validate_serving_input` from the flavor kwargs; the flavor's `save_model`
-    does not take it, so it is dropped here.
-    """
-
-    __name__ = "mlflow.tensorflow"
-
-    @staticmethod
-    def save_model(*, validate_serving_input: bool = False, **kwargs) -> None:
-        import mlflow.tensorflow
-
-        mlflow.tensorflow.save_model(**kwargs)
-
-
 def log_keras_model(model, prepared: Prepared) -> None:
     """The Keras model with signature, input example and the scaler in its MLmodel metadata."""
+    import mlflow.tensorflow
     from mlflow.models import Model, infer_signature
 
+    from millvae.detector import NoReloadFlavor
     from millvae.detector import pip_requirements as detector_pip_requirements
-    from millvae.model import CUSTOM_OBJECTS
+    from millvae.model import CUSTOM_OBJECTS, warm_keras_saving
 
+    warm_keras_saving()
     example = prepared.get("val")[:2]
     if len(example) == 0:
         example = prepared.get("train")[:2]
     signature = infer_signature(example, np.asarray(model(example, training=False)))
+    # no MLflow serving check: it loads the files back and predicts the example (about 1 s per
+    # model, a search trial's time spent deserialising what is in memory); the example was just
+    # run through the model above, and the tests load and serve logged models
     Model.log(
         artifact_path=None,
         name="model",
-        flavor=_TensorflowFlavorNoReload,
+        flavor=NoReloadFlavor(mlflow.tensorflow),
         model=model,
         validate_serving_input=False,
         signature=signature,
