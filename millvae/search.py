@@ -482,9 +482,9 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
-        if self.job is None:  # never used (the driver failed first): let every worker go
-            for _ in self.procs:
-                self.setup.put(None)
+        if self.job is None:  # never used (the driver failed or found nothing to do)
+            for p in self.procs:
+                p.terminate()  # still importing or waiting for work: nothing of theirs to save
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():

@@ -388,3 +388,32 @@ def _stop(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_a_detector_that_cannot_score_its_example_is_not_logged(trained, tracking):
+    # MLflow's reload-and-predict check is skipped for speed; the in-memory check replaces it
+    import mlflow
+
+    from millvae.model import build_vae
+
+    broken = build_vae(
+        window_size=64,
+        n_signals=6,
+        codings_size=4,
+        conv_layers=1,
+        start_filter_no=8,
+        kernel_size=2,
+        dilations=[1, 2],
+        final_activation="sigmoid",
+        beta=1.0,
+        seed=1,
+    )
+    broken(trained.x[:1])
+    broken.set_weights([np.full_like(w, np.nan) for w in broken.get_weights()])
+    with mlflow.start_run() as run:
+        with pytest.raises(MillvaeError, match="expected finite"):
+            log_detector(broken, trained.config, example_raw=trained.raw)
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+    assert not mlflow.search_logged_models(
+        filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+    )

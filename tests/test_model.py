@@ -400,3 +400,28 @@ def test_fused_adam_matches_keras_adam_and_saves(tmp_path, schedule):
     assert int(loaded.optimizer.iterations.numpy()) == 2
     loaded.fit(x, epochs=1, batch_size=32, verbose=0)
     assert int(loaded.optimizer.iterations.numpy()) == 4
+
+
+def test_warmed_keras_saving_reuses_skip_sets_and_round_trips(tmp_path):
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    from millvae.model import FusedAdam, warm_keras_saving
+
+    keras.backend.clear_session()
+    assert global_state.get_global_attribute("saving_attr_skiplist_Layer") is None
+    warm_keras_saving()
+    cached = global_state.get_global_attribute("saving_attr_skiplist_Layer")
+    assert cached is not None and "build" in cached
+    # what Keras reads while saving is now the cached set, not a freshly built one
+    assert saving_lib.get_attr_skipset("Layer") is cached
+
+    model = build_vae(**SMALL)
+    model.compile(optimizer=FusedAdam(1e-3))
+    x = sinusoid_windows(64, 32, 3, seed=1)
+    model.fit(x, epochs=1, batch_size=32, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    for got, want in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(loaded.forward(x)[2], model.forward(x)[2])

@@ -231,3 +231,30 @@ def test_a_worker_whose_memory_grew_hands_over_to_a_fresh_one(tracking, small_ma
     ]
     assert len(set(pids)) == 2 and pids[0] == pids[1] and pids[2] == pids[3], pids
     assert all(r.data.metrics["worker_rss_mib"] > 0 for r in runs)
+
+
+def test_workers_started_before_the_driver_fails_do_not_outlive_it(small_mat, tmp_path):
+    # the workers start importing before the driver opens the store; a store that cannot be
+    # opened must end the command with a one-line error and take the workers with it
+    (tmp_path / "a-file").write_text("not a directory")
+    bad_store = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
+    t0 = time.time()
+    proc = _search_proc(
+        tmp_path, small_mat, "gone", 2, 4, 2, 1, env={"MLFLOW_TRACKING_URI": bad_store}
+    )
+    out = _finish(proc, 300)
+    assert proc.returncode != 0, out[-3000:]
+    assert "millvae: error:" in out
+    assert time.time() - t0 < 120
+    deadline = time.time() + 15  # the queues' helper processes exit once the driver is gone
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break  # nothing left in the driver's process group
+        time.sleep(0.5)
+    else:
+        left = subprocess.run(
+            ["ps", "-o", "pid,stat,cmd", "-g", str(proc.pid)], capture_output=True, text=True
+        ).stdout
+        pytest.fail(f"processes outlived the search driver:\n{left}")

@@ -188,7 +188,8 @@ def test_repeated_fits_do_not_grow_the_process(synthetic_mat):
 import gc, json, keras
 from millvae.config import make_config
 from millvae.data import prepare
-from millvae.train import fit
+from millvae.train import fit, preload
+preload()  # a search worker's garbage-collector settings
 cfg = make_config(data={str(synthetic_mat)!r}, codings_size=4, start_filter_no=8, conv_layers=2,
                   dilations="1,2,4,8", kernel_size=3, epochs=1, batch_size=512)
 prepared = prepare(cfg)
