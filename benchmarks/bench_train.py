@@ -120,8 +120,10 @@ def run_arm(
     from millvae.data import prepare
     from millvae.evaluate import evaluate
     from millvae.scoring import window_scores
-    from millvae.train import MIN_DELTA, build_model, fit
+    from millvae.train import MIN_DELTA, build_model, fit, preload
 
+    if arm != "ref":
+        preload()  # as `millvae train` and search workers do: imports kept out of the GC's walks
     cfg = make_config(
         data=str(data_dir / MAT_NAME),
         labels=str(data_dir / LABELS_NAME),
@@ -374,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-to-quality", action="store_true", help="schedule comparison")
     parser.add_argument("--seeds", default="1,2,3", help="training seeds (--time-to-quality)")
     parser.add_argument("--patience", type=int, default=40, help="early-stopping patience")
-    parser.add_argument("--lr-max", type=float, default=0.005, help="onecycle peak rate")
-    parser.add_argument("--cycle-epochs", type=int, default=40, help="onecycle length")
+    parser.add_argument("--lr-max", type=float, default=0.01, help="onecycle peak rate")
+    parser.add_argument("--cycle-epochs", type=int, default=60, help="onecycle length")
     parser.add_argument("--bn-momentum", type=float, default=0.9, help="candidate's momentum")
     parser.add_argument(
         "--candidate", default="{}", help="JSON of run parameters for the candidate arm"
