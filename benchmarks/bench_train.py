@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-to-quality", action="store_true", help="schedule comparison")
     parser.add_argument("--seeds", default="1,2,3", help="training seeds (--time-to-quality)")
     parser.add_argument("--patience", type=int, default=40, help="early-stopping patience")
-    parser.add_argument("--lr-max", type=float, default=0.01, help="onecycle peak rate")
+    parser.add_argument("--lr-max", type=float, default=0.02, help="onecycle peak rate")
     parser.add_argument("--cycle-epochs", type=int, default=60, help="onecycle length")
     parser.add_argument("--bn-momentum", type=float, default=0.9, help="candidate's momentum")
     parser.add_argument(

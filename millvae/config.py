@@ -44,7 +44,7 @@ class TrainConfig:
     batch_size: int = _p(1024, "training batch size")
     learning_rate: float = _p(0.001, "Adam learning rate (onecycle: its start; a tenth at the end)")
     lr_schedule: str = _p("constant", "constant (the seed's) | onecycle (warm-up then cosine)")
-    lr_max: float = _p(0.01, "onecycle: peak learning rate, reached at 30 % of the cycle")
+    lr_max: float = _p(0.02, "onecycle: peak learning rate, reached at 30 % of the cycle")
     lr_cycle_epochs: int = _p(60, "onecycle: epochs of the cycle; the rate stays low after")
     bn_momentum: float = _p(0.99, "BatchNorm moving-statistics momentum (validation, scoring)")
     seed: int = _p(31, "random seed of weights, sampling and shuffling")
