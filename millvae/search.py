@@ -147,7 +147,12 @@ class Search:
     driver_run_id: str = ""  # the run `mlflow run -e search` made for this process, if any
 
     def my_indices(self) -> list[int]:
-        return [i for i in range(len(self.trials)) if i % self.n_shards == self.shard]
+        return shard_indices(len(self.trials), self.shard, self.n_shards)
+
+
+def shard_indices(n_iter: int, shard: int, n_shards: int) -> list[int]:
+    """The trial indices shard `shard` of `n_shards` runs: those ≡ shard (mod n_shards)."""
+    return list(range(shard, n_iter, n_shards))
 
 
 def _client():
@@ -496,7 +501,6 @@ def run_search(
 ) -> Progress:
     """Run this shard's pending trials with `workers` processes (0 = in this process); `pool`:
     workers started earlier (see `WorkerPool`)."""
-    recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
     client = _client()
     reaped = reap_dead_trials(client, search)
     todo = pending_trials(client, search)
@@ -508,9 +512,8 @@ def run_search(
         flush=True,
     )
     progress = Progress(len(todo), search.metric)
-    if not todo or workers <= 0:
-        if pool is not None:
-            pool.close()
+    if pool is not None and (not todo or workers <= 0):
+        pool.close()
     if not todo:
         return progress
     if workers <= 0:
@@ -688,8 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     # overrides are validated once, up front, with defaults standing in for the sampled values
     make_config(**overrides)
     search_id = args["search_id"] or default_search_id(spec, n_iter, seed, overrides)
-    recycle_mib()
-    mine = sum(1 for i in range(n_iter) if i % n_shards == shard)
+    recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
+    mine = len(shard_indices(n_iter, shard, n_shards))
     # started before the store is opened: their imports overlap the driver's setup
     pool = WorkerPool(min(workers, mine)) if workers > 0 and mine else None
     try:

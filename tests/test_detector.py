@@ -39,25 +39,11 @@ class Trained:
     signals: list[str]
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_mat) -> Trained:
-    """A tiny β-VAE fitted for one epoch on synthetic healthy windows, with its detector config."""
-    import keras
-
-    from millvae.config import make_config
-    from millvae.data import prepare
-    from millvae.mat import load_mill
+def _tiny_vae():
+    """The β-VAE the tests score with: 6 synthetic signals, one small TCN layer."""
     from millvae.model import build_vae
-    from millvae.prep import cut_windows
 
-    mill = load_mill(synthetic_mat)
-    prepared = prepare(make_config(data=str(synthetic_mat)), mill=mill)
-    w = prepared.windows
-    rows = mill.cuts.index.get_indexer(w["cut_no"])
-    raw_all = cut_windows(mill.signals, rows, w["start"].to_numpy(), 64)
-    assert np.array_equal(prepared.scaler.transform(raw_all), prepared.x)
-
-    model = build_vae(
+    return build_vae(
         window_size=64,
         n_signals=6,
         codings_size=4,
@@ -69,6 +55,26 @@ def trained(synthetic_mat) -> Trained:
         beta=1.0,
         seed=1,
     )
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_mat) -> Trained:
+    """A tiny β-VAE fitted for one epoch on synthetic healthy windows, with its detector config."""
+    import keras
+
+    from millvae.config import make_config
+    from millvae.data import prepare
+    from millvae.mat import load_mill
+    from millvae.prep import cut_windows
+
+    mill = load_mill(synthetic_mat)
+    prepared = prepare(make_config(data=str(synthetic_mat)), mill=mill)
+    w = prepared.windows
+    rows = mill.cuts.index.get_indexer(w["cut_no"])
+    raw_all = cut_windows(mill.signals, rows, w["start"].to_numpy(), 64)
+    assert np.array_equal(prepared.scaler.transform(raw_all), prepared.x)
+
+    model = _tiny_vae()
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     model.fit(prepared.get("train", slim=True), epochs=1, batch_size=256, verbose=0)
 
@@ -394,20 +400,7 @@ def test_a_detector_that_cannot_score_its_example_is_not_logged(trained, trackin
     # MLflow's reload-and-predict check is skipped for speed; the in-memory check replaces it
     import mlflow
 
-    from millvae.model import build_vae
-
-    broken = build_vae(
-        window_size=64,
-        n_signals=6,
-        codings_size=4,
-        conv_layers=1,
-        start_filter_no=8,
-        kernel_size=2,
-        dilations=[1, 2],
-        final_activation="sigmoid",
-        beta=1.0,
-        seed=1,
-    )
+    broken = _tiny_vae()
     broken(trained.x[:1])
     broken.set_weights([np.full_like(w, np.nan) for w in broken.get_weights()])
     with mlflow.start_run() as run:

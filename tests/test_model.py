@@ -363,6 +363,18 @@ def _applier(optimizer, variables):
     return apply
 
 
+def _fit_save_load(tmp_path):
+    """A small β-VAE fitted one epoch with FusedAdam, saved, and loaded back."""
+    from millvae.model import FusedAdam
+
+    model = build_vae(**SMALL)
+    model.compile(optimizer=FusedAdam(1e-3))
+    x = sinusoid_windows(64, 32, 3, seed=1)
+    model.fit(x, epochs=1, batch_size=32, verbose=0)
+    model.save(tmp_path / "m.keras")
+    return model, keras.models.load_model(tmp_path / "m.keras"), x
+
+
 @pytest.mark.parametrize("schedule", [False, True])
 def test_fused_adam_matches_keras_adam_and_saves(tmp_path, schedule):
     from millvae.model import FusedAdam, OneCycle
@@ -390,12 +402,7 @@ def test_fused_adam_matches_keras_adam_and_saves(tmp_path, schedule):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     # a model compiled with it saves and loads with its optimizer state
-    model = build_vae(**SMALL)
-    model.compile(optimizer=FusedAdam(1e-3))
-    x = sinusoid_windows(64, 32, 3, seed=1)
-    model.fit(x, epochs=1, batch_size=32, verbose=0)
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
+    _, loaded, x = _fit_save_load(tmp_path)
     assert type(loaded.optimizer) is FusedAdam
     assert int(loaded.optimizer.iterations.numpy()) == 2
     loaded.fit(x, epochs=1, batch_size=32, verbose=0)
@@ -406,7 +413,7 @@ def test_warmed_keras_saving_reuses_skip_sets_and_round_trips(tmp_path):
     from keras.src.backend.common import global_state
     from keras.src.saving import saving_lib
 
-    from millvae.model import FusedAdam, warm_keras_saving
+    from millvae.model import warm_keras_saving
 
     keras.backend.clear_session()
     assert global_state.get_global_attribute("saving_attr_skiplist_Layer") is None
@@ -416,12 +423,7 @@ def test_warmed_keras_saving_reuses_skip_sets_and_round_trips(tmp_path):
     # what Keras reads while saving is now the cached set, not a freshly built one
     assert saving_lib.get_attr_skipset("Layer") is cached
 
-    model = build_vae(**SMALL)
-    model.compile(optimizer=FusedAdam(1e-3))
-    x = sinusoid_windows(64, 32, 3, seed=1)
-    model.fit(x, epochs=1, batch_size=32, verbose=0)
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
+    model, loaded, x = _fit_save_load(tmp_path)
     for got, want in zip(loaded.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(loaded.forward(x)[2], model.forward(x)[2])
