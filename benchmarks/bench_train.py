@@ -6,8 +6,11 @@ process so first-epoch tracing and peak memory are its own:
 
 (ref)     `build_vae` with keras-tcn's own TCN layers (Keras' Conv1D) + `compile(Adam(lr))` +
           `model.fit(x_train, batch_size, shuffle=True, validation_data=(x_val,))`, TensorFlow's
-          thread defaults; what a Keras user writes.
+          thread and oneDNN defaults (TensorFlow loads before millvae); what a Keras user writes.
 (millvae) `millvae.train.fit`, the path every `main` run and search trial takes.
+Where TensorFlow leaves oneDNN off on this CPU (no AVX-512 VNNI / AMX: AMD Zen 3, for one) and
+millvae turns it on, a further arm runs the plain one with `TF_ENABLE_ONEDNN_OPTS=1`, to show how
+much of the speed-up oneDNN brings by itself.
 
 Per arm: seconds per epoch (median after the first), first-epoch seconds, training windows per
 second, achieved GFLOP/s (TensorFlow's own FLOP count of one forward pass x 3 for forward and
@@ -45,6 +48,11 @@ import time
 import warnings
 from pathlib import Path
 
+if sys.argv[1:3] == ["--arm", "ref"] and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+    # The plain arm gets TensorFlow's own oneDNN choice for this CPU: importing millvae first
+    # would switch oneDNN on (see millvae/__init__.py), so TensorFlow loads before it.
+    import tensorflow  # noqa: F401
+
 from millvae.config import PAPER_BEST, PARAM_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +72,9 @@ INITIAL_TOLERANCE = 1e-5
 # A third arm, the reference with the next training seed, shows how far two runs of the same code
 # land apart: the yardstick for the best val_loss and detection metrics (not run with --quick).
 NOISE_ARM = "ref seed+1"
+# Where TensorFlow leaves oneDNN off on this CPU (no AVX-512 VNNI / AMX), the plain arm once more
+# with it on: how much of the speed-up is oneDNN itself and how much millvae's own changes.
+ONEDNN_ARM = "ref+oneDNN"
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -194,6 +205,7 @@ def run_arm(
         history = {k: frame[k].tolist() for k in frame.columns}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
 
     scores = window_scores(model, prepared.x, prepared.signal_names)
     ev = evaluate(scores, prepared.windows, ["mse", "kl"], n_boot=0)
@@ -219,16 +231,19 @@ def run_arm(
         "epoch_times": times,
         "threads": f"{tf.config.threading.get_intra_op_parallelism_threads()}/"
         f"{tf.config.threading.get_inter_op_parallelism_threads()}",
+        "onednn": bool(_pywrap_util_port.IsMklEnabled()),
     }
 
 
-def spawn_arm(arm: str, config: str, epochs: int, data_dir: Path, **extra) -> dict:
+def spawn_arm(
+    arm: str, config: str, epochs: int, data_dir: Path, env: dict | None = None, **extra
+) -> dict:
     cmd = [
         sys.executable, __file__, "--arm", arm, "--config", config,
         "--epochs", str(epochs), "--data-dir", str(data_dir), "--extra", json.dumps(extra),
     ]  # fmt: skip
-    print(f"{config}: {arm} {extra or ''} ...", flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    print(f"{config}: {arm} {extra or ''} {env or ''} ...", flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         sys.exit(f"{config} / {arm} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -237,7 +252,7 @@ def spawn_arm(arm: str, config: str, epochs: int, data_dir: Path, **extra) -> di
 
 def report(rows: list[dict], matmul: float, tolerance: float) -> None:
     head = (
-        "config", "arm", "threads", "s/epoch", "1st epoch s", "windows/s", "GFLOP/s",
+        "config", "arm", "threads", "oneDNN", "s/epoch", "1st epoch s", "windows/s", "GFLOP/s",
         "% matmul", "peak RSS MiB", "loss", "val_loss", "best val_loss", "test AP mse",
         "test AP kl",
     )  # fmt: skip
@@ -249,6 +264,7 @@ def report(rows: list[dict], matmul: float, tolerance: float) -> None:
                 r["config"],
                 r["arm"],
                 r["threads"],
+                "on" if r["onednn"] else "off",
                 f"{r['epoch_s']:.3f}",
                 f"{r['first_s']:.2f}",
                 f"{r['windows_per_s']:,.0f}",
@@ -280,6 +296,7 @@ def report(rows: list[dict], matmul: float, tolerance: float) -> None:
         rel = abs(opt["best_val_loss"] - ref["best_val_loss"]) / abs(ref["best_val_loss"])
         rel0 = abs(opt["initial_bce"] - ref["initial_bce"]) / abs(ref["initial_bce"])
         noise = next((r for r in rows if r["config"] == config and r["arm"] == NOISE_ARM), None)
+        onednn = next((r for r in rows if r["config"] == config and r["arm"] == ONEDNN_ARM), None)
         verdict = "meets" if speed >= TARGET_SPEEDUP else "misses"
         same = "within" if rel <= tolerance else "OUTSIDE"
         same0 = "within" if rel0 <= INITIAL_TOLERANCE else "OUTSIDE"
@@ -290,6 +307,12 @@ def report(rows: list[dict], matmul: float, tolerance: float) -> None:
             f"{100 * tolerance:g} %), training FLOPs "
             f"{ref['train_flops_per_window'] / 1e6:.1f} MFLOP/window"
         )
+        if onednn is not None:
+            print(
+                f"  oneDNN alone: plain model.fit with oneDNN on runs "
+                f"{onednn['windows_per_s'] / ref['windows_per_s']:.2f}x the plain arm; millvae "
+                f"{opt['windows_per_s'] / onednn['windows_per_s']:.2f}x that"
+            )
         if noise is not None:
             spread = abs(noise["best_val_loss"] - ref["best_val_loss"]) / abs(ref["best_val_loss"])
             print(
@@ -405,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in configs:
         rows += [spawn_arm(arm, c, epochs, args.data_dir) for arm in ("ref", "millvae")]
+        if not rows[-2]["onednn"] and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+            on = spawn_arm("ref", c, epochs, args.data_dir, env={"TF_ENABLE_ONEDNN_OPTS": "1"})
+            rows.append({**on, "arm": ONEDNN_ARM})
         if not args.quick:  # the run-to-run spread that "the same results" is judged against
             other = spawn_arm("ref", c, epochs, args.data_dir, seed=int(PARAM_DEFAULTS["seed"]) + 1)
             rows.append({**other, "arm": NOISE_ARM})

@@ -1,6 +1,16 @@
 """millvae: tool-wear detection on the UC Berkeley milling data with a TCN β-VAE in MLflow."""
 
+import os
+import sys
+
 __version__ = "0.1.0"
+
+# TensorFlow turns oneDNN on by itself only on x86 CPUs with AVX-512 VNNI / BF16 or AMX. Without it
+# (AMD Zen 3, older Intel), its own kernels train the paper's β-VAE 3x slower and cannot run the
+# filter gradient of a dilated Conv2D at all (`millvae.model.CausalConv1D`). The switch is read
+# once, when TensorFlow loads: set it before that, and never over the user's own choice.
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # Where the shared real-data folder lies relative to a checkout (tests and benchmarks only).
 SIGNAL_NAMES = ("smcAC", "smcDC", "vib_table", "vib_spindle", "AE_table", "AE_spindle")

@@ -107,16 +107,19 @@ def test_forward_in_batches_matches_call_and_traces_once():
     x = sinusoid_windows(37, SMALL["window_size"], SMALL["n_signals"], seed=3)
     want = np.asarray(model(x, training=False))
     want_mean, want_log_var = (np.asarray(a) for a in model.encoder(x, training=False))
+    # oneDNN picks its kernels (and so the order of float sums) by batch length and CPU: traced
+    # and eager results of the same weights agree to ~1e-5 on AVX2, not bit for bit
+    close = dict(rtol=1e-4, atol=1e-5)
     for batch_size in (1, 8, 37, 100):
         mean, log_var, recon = model.forward(x, batch_size=batch_size)
-        np.testing.assert_allclose(recon, want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(log_var, want_log_var, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(recon, want, **close)
+        np.testing.assert_allclose(mean, want_mean, **close)
+        np.testing.assert_allclose(log_var, want_log_var, **close)
     # every batch length above reused one graph: a retrace per length would cost seconds
     assert model.__dict__["_forward_fn"].experimental_get_tracing_count() == 1
     mean, log_var = model.encode(x, batch_size=10)
-    np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.decode(mean, batch_size=16), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean, want_mean, **close)
+    np.testing.assert_allclose(model.decode(mean, batch_size=16), want, **close)
     mean, log_var, recon = model.forward(x[:0])
     assert mean.shape == (0, SMALL["codings_size"]) and recon.shape == (0, *x.shape[1:])
 
