@@ -430,3 +430,43 @@ def test_warmed_keras_saving_reuses_skip_sets_and_round_trips(tmp_path):
     for got, want in zip(loaded.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(loaded.forward(x)[2], model.forward(x)[2])
+
+
+ONEDNN_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import millvae.model as mm
+    from tensorflow.python.util import _pywrap_util_port
+
+    model = mm.build_vae(**json.loads(sys.argv[1]))
+    model.compile(optimizer=mm.FusedAdam(1e-3))
+    x = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    loss = model.fit(x, epochs=1, batch_size=16, verbose=0).history["loss"][0]
+    print(json.dumps({"onednn": _pywrap_util_port.IsMklEnabled(),
+                      "native": mm._native_dilated_conv(), "loss": loss}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("onednn", ["0", "1", None])
+def test_dilated_models_train_with_onednn_on_off_or_left_to_millvae(onednn):
+    # TensorFlow's own CPU kernels refuse the filter gradient of a dilated Conv2D: without oneDNN
+    # the probe must say so and the layers fall back to Keras' Conv1D. Unset, millvae turns it on.
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env.update(PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    done = subprocess.run(
+        [sys.executable, "-c", ONEDNN_CHILD, json.dumps(SMALL)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["onednn"] is (onednn != "0")
+    assert got["native"] is got["onednn"]
+    assert np.isfinite(got["loss"])
