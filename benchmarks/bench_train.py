@@ -48,12 +48,13 @@ import time
 import warnings
 from pathlib import Path
 
-if sys.argv[1:3] == ["--arm", "ref"] and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
-    # The plain arm gets TensorFlow's own oneDNN choice for this CPU: importing millvae first
-    # would switch oneDNN on (see millvae/__init__.py), so TensorFlow loads before it.
+# The user's own oneDNN choice, read before importing millvae sets it (see millvae/__init__.py).
+USER_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+if sys.argv[1:3] == ["--arm", "ref"] and USER_ONEDNN is None:
+    # The plain arm gets TensorFlow's own oneDNN choice for this CPU: TensorFlow loads first.
     import tensorflow  # noqa: F401
 
-from millvae.config import PAPER_BEST, PARAM_DEFAULTS
+from millvae.config import PAPER_BEST, PARAM_DEFAULTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "milling"
@@ -243,7 +244,10 @@ def spawn_arm(
         "--epochs", str(epochs), "--data-dir", str(data_dir), "--extra", json.dumps(extra),
     ]  # fmt: skip
     print(f"{config}: {arm} {extra or ''} {env or ''} ...", flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    child = {**os.environ, **(env or {})}
+    if USER_ONEDNN is None and "TF_ENABLE_ONEDNN_OPTS" not in (env or {}):
+        child.pop("TF_ENABLE_ONEDNN_OPTS", None)  # set by importing millvae here, not by the user
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         sys.exit(f"{config} / {arm} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in configs:
         rows += [spawn_arm(arm, c, epochs, args.data_dir) for arm in ("ref", "millvae")]
-        if not rows[-2]["onednn"] and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+        if not rows[-2]["onednn"] and USER_ONEDNN is None:
             on = spawn_arm("ref", c, epochs, args.data_dir, env={"TF_ENABLE_ONEDNN_OPTS": "1"})
             rows.append({**on, "arm": ONEDNN_ARM})
         if not args.quick:  # the run-to-run spread that "the same results" is judged against
