@@ -5,8 +5,10 @@ The same sampled trials run twice on this machine:
 (a) one command, `python -m millvae search --workers 2 ...` (workers import TensorFlow once and keep
     the prepared data in memory), into a temporary sqlite store;
 (b) the MLflow example pattern: `mlflow run . --env-manager local -P ...` once per trial,
-    launched one after another, each into its own temporary sqlite store, with the parameters
-    each child of (a) logged.
+    launched one after another into one temporary sqlite store, with the parameters each child of
+    (a) logged.
+
+Both stores have their tables before the clock starts (a user's tracking database normally exists).
 
 Prints trials per hour of both, their ratio (target >= 1.5) and the per-trial time outside `fit`
 (wall time per trial minus the child's `training_seconds`; target <= 2 s). Uses the real 5-signal
@@ -117,7 +119,16 @@ def _sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _read_trials(tracking_uri: str, search_only: bool) -> list[Trial]:
+def _create_store(tracking_uri: str) -> None:
+    """Create the store's tables before the clock starts: a user's tracking database normally
+    exists already, and a fresh sqlite store costs seconds of schema migrations (3.3 s measured on
+    a 2-core AMD EPYC)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).search_experiments()
+
+
+def _read_trials(tracking_uri: str, search_only: bool, since_ms: int = 0) -> list[Trial]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -127,6 +138,8 @@ def _read_trials(tracking_uri: str, search_only: bool) -> list[Trial]:
     out = []
     for r in client.search_runs([exp.experiment_id], max_results=1000):
         tags = r.data.tags
+        if r.info.start_time < since_ms:
+            continue
         if search_only and (
             "millvae.trial_index" not in tags or tags.get("millvae.search_parent") == "true"
         ):
@@ -153,6 +166,7 @@ def run_search_arm(work: Path, args, fixed: dict[str, str], space: Path) -> Arm:
     """(a): the whole search as one command."""
     store = _sqlite(work / "a" / "mlflow.db")
     (work / "a").mkdir()
+    _create_store(store)
     cmd = [
         sys.executable, "-m", "millvae", "search",
         "--n_iter", str(args.trials), "--seed", str(args.seed), "--workers", str(args.workers),
@@ -177,15 +191,17 @@ def run_search_arm(work: Path, args, fixed: dict[str, str], space: Path) -> Arm:
 
 
 def run_mlflow_run_arm(work: Path, args, trials: list[Trial]) -> Arm:
-    """(b): one `mlflow run` per trial, sequentially, each into its own sqlite store."""
+    """(b): one `mlflow run` per trial, sequentially, into one sqlite store (as (a))."""
     from millvae.config import PARAM_NAMES
 
     arm = Arm("(b) mlflow run per trial", 0.0, 1)
+    (work / "b").mkdir()
+    store = _sqlite(work / "b" / "mlflow.db")
+    _create_store(store)
     t_all = time.perf_counter()
     for trial in trials:
         d = work / "b" / f"trial{trial.index}"
         d.mkdir(parents=True)
-        store = _sqlite(d / "mlflow.db")
         params = {k: v for k, v in trial.params.items() if k in PARAM_NAMES}
         params["experiment"] = EXPERIMENT
         cmd = [
@@ -195,12 +211,13 @@ def run_mlflow_run_arm(work: Path, args, trials: list[Trial]) -> Arm:
         for k, v in sorted(params.items()):
             cmd += ["-P", f"{k}={v}"]
         print(f"(b) mlflow run, trial {trial.index} ...", flush=True)
+        since_ms = int(time.time() * 1000)
         t0 = time.perf_counter()
         out = subprocess.run(
             cmd, cwd=d, env=_env(store), capture_output=True, text=True, timeout=args.timeout
         )
         arm.launch_wall_s.append(time.perf_counter() - t0)
-        got = _read_trials(store, search_only=False)
+        got = _read_trials(store, search_only=False, since_ms=since_ms)
         if out.returncode != 0 or len(got) != 1:
             print(f"    trial {trial.index} failed ({out.returncode}): {out.stderr[-1500:]}")
         for t in got:
