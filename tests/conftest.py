@@ -26,6 +26,10 @@ def pytest_configure(config):
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
+    # millvae picks TensorFlow's oneDNN switch as it would for a user, before any test module's
+    # `import tensorflow` loads it first: otherwise what runs depends on which file pytest
+    # collects first (test_model.py alone ran without oneDNN on AVX2-only CPUs)
+    import millvae  # noqa: F401
 
 
 def need_real(*paths: Path) -> None:
