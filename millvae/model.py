@@ -289,10 +289,25 @@ class BetaVAE(keras.Model):
 
         One graph traced per model for any batch length, and encoder and decoder in one call:
         `predict` traced a function per sub-model and retraced for the last, shorter batch, which
-        cost more than the forward pass itself on the 11k windows of the milling data.
+        cost more than the forward pass itself on the 11k windows of the milling data. It is the
+        graph `validate` runs too, so a model validated during `millvae.train.fit` is scored
+        without tracing again.
         """
         mean, log_var, recon = self._batched("forward", x, batch_size)
         return mean, log_var, recon
+
+    def validate(self, x: Any, batch_size: int = 1024) -> dict[str, float]:
+        """What `evaluate` reports for windows x (sampled codings, `test_step`'s metrics), in
+        batches, through the graph `forward` uses: one trace per model serves validation in every
+        epoch and the scoring of all windows after training.
+
+        Draws from the model's noise generator as `test_step` does, batch by batch, so a fit
+        validated here trains and validates on the same noise as one given `validation_data`.
+        """
+        for m in self.metrics:
+            m.reset_state()
+        self._batched("validate", x, batch_size)
+        return {m.name: float(m.result()) for m in self.metrics}
 
     def decode(self, codings: Any, batch_size: int = 1024) -> np.ndarray:
         """Reconstructions of codings [n, codings_size], in batches."""
@@ -307,9 +322,13 @@ class BetaVAE(keras.Model):
             return {"encode": (coding, coding), "forward": (coding, coding, recon)}.get(
                 kind, (recon,)
             )
-        fn = self._graph(kind)
         step = max(1, int(batch_size))
-        parts = [fn(data[i : i + step]) for i in range(0, len(data), step)]
+        if kind in ("forward", "validate"):
+            fn, flag = self._graph("forward"), tf.constant(kind == "validate")
+            parts = [fn(data[i : i + step], flag) for i in range(0, len(data), step)]
+        else:
+            fn = self._graph(kind)
+            parts = [fn(data[i : i + step]) for i in range(0, len(data), step)]
         return tuple(
             np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))
         )
@@ -324,19 +343,32 @@ class BetaVAE(keras.Model):
             def encode(x):
                 return tuple(self.encoder(x, training=False))
 
-            def forward(x):
+            def forward(x, validate):
+                # Encoder and decoder sit outside the conds, so each is traced once for both uses;
+                # so do the loss terms, for Keras' BCE to see the decoder's Sigmoid op (it scores
+                # a sigmoid on its logits) as it does in `test_step`.
                 mean, log_var = self.encoder(x, training=False)
-                return mean, log_var, self.decoder(mean, training=False)
+                codings = tf.cond(validate, lambda: self._sample(mean, log_var), lambda: mean)
+                recon = self.decoder(codings, training=False)
+                losses = self._loss_values(x, mean, log_var, recon)
+
+                def update() -> tf.Tensor:
+                    self._update_metrics(x, losses)
+                    return tf.constant(True)
+
+                tf.cond(validate, update, lambda: tf.constant(False))
+                return mean, log_var, recon
 
             def decode(z):
                 return (self.decoder(z, training=False),)
 
+            flag = tf.TensorSpec([], tf.bool)
             body, spec = {
-                "encode": (encode, windows),
-                "forward": (forward, windows),
-                "decode": (decode, codings),
+                "encode": (encode, [windows]),
+                "forward": (forward, [windows, flag]),
+                "decode": (decode, [codings]),
             }[kind]
-            fn = tf.function(body, input_signature=[spec], autograph=False)
+            fn = tf.function(body, input_signature=spec, autograph=False)
             # kept out of Keras' attribute tracking: a cache, not part of the model's state
             self.__dict__[name] = fn
         return fn
@@ -349,6 +381,11 @@ class BetaVAE(keras.Model):
         """Total loss, reconstruction BCE, mean KL per window, reconstruction (sampled coding)."""
         mean, log_var = self.encoder(x, training=training)
         reconstruction = self.decoder(self._sample(mean, log_var), training=training)
+        return self._loss_values(x, mean, log_var, reconstruction)
+
+    def _loss_values(
+        self, x: Any, mean: Any, log_var: Any, reconstruction: Any
+    ) -> tuple[Any, Any, Any, Any]:
         # As in the seed's Keras 2: a traced sigmoid output is scored on its logits; any other
         # output (SELU) is clipped to [ε, 1−ε] first. Targets outside [0, 1] are allowed.
         reconstruction_loss = ops.mean(keras.losses.binary_crossentropy(x, reconstruction))
