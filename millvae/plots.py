@@ -97,7 +97,11 @@ def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+        # zlib level 3 rather than PIL's 6: the same pixels, files 3-9 % larger, encoding 40 %
+        # faster (about 0.16 s of the five figures each run draws, real data)
+        fig.savefig(
+            path, dpi=DPI, format="png", facecolor="white", pil_kwargs={"compress_level": 3}
+        )
     finally:
         # No pyplot figure manager holds the figure, so it goes with its last reference. Its
         # pixel buffer (several MB) is freed now; `fig.clear()` did that too but rebuilt every
