@@ -208,7 +208,8 @@ def _validation(x_val: np.ndarray, batch_size: int):
     """A callback that puts `val_*` metrics into each epoch's logs, ahead of the callbacks that
     read them (EarlyStopping, progress, history, MLflow): `validation_data` done by
     `BetaVAE.validate`, whose graph scoring reuses after training (Keras' evaluate traces a
-    function of its own, thrown away with the fit: ~0.9 s per model, paper's best, one core)."""
+    function of its own, thrown away with the fit: scoring all 11,570 real windows after a fit
+    took 1.3-2.0 s this way against 2.1-3.1 s, one AMD core)."""
     import keras
 
     class Validation(keras.callbacks.Callback):
