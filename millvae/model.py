@@ -306,7 +306,10 @@ class BetaVAE(keras.Model):
         """
         for m in self.metrics:
             m.reset_state()
-        self._batched("validate", x, batch_size)
+        data = np.asarray(x, dtype=np.float32)
+        fn, step, validate = self._graph("forward"), max(1, int(batch_size)), tf.constant(True)
+        for i in range(0, len(data), step):
+            fn(data[i : i + step], validate)  # only the metric updates are wanted
         return {m.name: float(m.result()) for m in self.metrics}
 
     def decode(self, codings: Any, batch_size: int = 1024) -> np.ndarray:
@@ -322,13 +325,9 @@ class BetaVAE(keras.Model):
             return {"encode": (coding, coding), "forward": (coding, coding, recon)}.get(
                 kind, (recon,)
             )
-        step = max(1, int(batch_size))
-        if kind in ("forward", "validate"):
-            fn, flag = self._graph("forward"), tf.constant(kind == "validate")
-            parts = [fn(data[i : i + step], flag) for i in range(0, len(data), step)]
-        else:
-            fn = self._graph(kind)
-            parts = [fn(data[i : i + step]) for i in range(0, len(data), step)]
+        fn, step = self._graph(kind), max(1, int(batch_size))
+        flag = (tf.constant(False),) if kind == "forward" else ()  # mean coding, no validation
+        parts = [fn(data[i : i + step], *flag) for i in range(0, len(data), step)]
         return tuple(
             np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))
         )

@@ -202,27 +202,14 @@ def test_fit_validated_by_callback_equals_fit_with_validation_data():
     from millvae.train import _validation
 
     x = sinusoid_windows(96, 32, 3, seed=4)
-    stop = dict(monitor="val_loss", patience=1, restore_best_weights=True)
+    common = dict(epochs=3, batch_size=16, shuffle=False, verbose=0)
 
-    plain = compiled()
-    want = plain.fit(
-        x[:64],
-        epochs=3,
-        batch_size=16,
-        shuffle=False,
-        validation_data=(x[64:],),
-        callbacks=[keras.callbacks.EarlyStopping(**stop)],
-        verbose=0,
-    ).history
-    ours = compiled()
-    got = ours.fit(
-        x[:64],
-        epochs=3,
-        batch_size=16,
-        shuffle=False,
-        callbacks=[_validation(x[64:], 16), keras.callbacks.EarlyStopping(**stop)],
-        verbose=0,
-    ).history
+    def stop() -> keras.callbacks.EarlyStopping:
+        return keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
+
+    plain, ours = compiled(), compiled()
+    want = plain.fit(x[:64], validation_data=(x[64:],), callbacks=[stop()], **common).history
+    got = ours.fit(x[:64], callbacks=[_validation(x[64:], 16), stop()], **common).history
 
     assert got == want
     assert all(np.array_equal(a, b) for a, b in zip(ours.weights, plain.weights, strict=True))
