@@ -187,12 +187,18 @@ def learning_rate(cfg: TrainConfig, n_train: int):
 
 
 def _train_dataset(x_train: np.ndarray, batch_size: int, seed: int):
-    """Training batches reshuffled every epoch (seeded).
+    """Training batches reshuffled every epoch (seeded), repeated: fit with `steps_per_epoch`.
 
     The same epochs as `model.fit(x, batch_size, shuffle=True)`, a different (seeded) order.
     Keras' own pipeline for arrays gathers each batch through an autotuned parallel map and
     prefetch; it measured slower and more variable: 0.50 s against 0.43 s per epoch (median of 12,
     paper's best configuration, real data, two cores).
+
+    Repeated, because Keras makes a new iterator of a finite dataset at each epoch's start and
+    another at its end (thrown away unused), each with its prefetch thread and a refilled shuffle
+    buffer; in about a third of the epochs the next epoch then waited 0.2-0.5 s before its first
+    step. One iterator for the whole fit: seed default on the real data, epochs 2-11 took 0.83 s
+    against 1.00 s (two cores). Shuffling before `repeat` keeps each epoch one permutation.
     """
     import tensorflow as tf
 
@@ -200,6 +206,7 @@ def _train_dataset(x_train: np.ndarray, batch_size: int, seed: int):
         tf.data.Dataset.from_tensor_slices(x_train)
         .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
+        .repeat()
         .prefetch(2)
     )
 
@@ -250,6 +257,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     hist = model.fit(
         train_data,
         epochs=cfg.epochs,
+        steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size),
         # first: the others read its val_* logs
         callbacks=[_validation(x_val, cfg.batch_size), stopper, *(callbacks or [])],
         verbose=verbose,
