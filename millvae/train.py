@@ -169,14 +169,19 @@ def build_model(cfg: TrainConfig, n_signals: int):
     )
 
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch (the last batch may be short): what `fit` runs per epoch and
+    what the OneCycle schedule counts in."""
+    return max(1, math.ceil(n_train / batch_size))
+
+
 def learning_rate(cfg: TrainConfig, n_train: int):
     """The run's learning rate: a constant, or the OneCycle schedule over optimizer steps."""
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
     from millvae.model import OneCycle
 
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
-    total = cfg.lr_cycle_epochs * steps_per_epoch
+    total = cfg.lr_cycle_epochs * steps_per_epoch(n_train, cfg.batch_size)
     return OneCycle(
         start=cfg.learning_rate,
         peak=cfg.lr_max,
@@ -257,7 +262,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     hist = model.fit(
         train_data,
         epochs=cfg.epochs,
-        steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size),
+        steps_per_epoch=steps_per_epoch(len(x_train), cfg.batch_size),
         # first: the others read its val_* logs
         callbacks=[_validation(x_val, cfg.batch_size), stopper, *(callbacks or [])],
         verbose=verbose,
