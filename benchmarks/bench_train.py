@@ -2,7 +2,9 @@
 
 For the seed default and the paper's best configuration, two arms train the same model (same
 weights at the start, same data, same batch size, same epochs, no early stop), each in a fresh
-process so first-epoch tracing and peak memory are its own:
+process so first-epoch tracing and peak memory are its own. The arms of a configuration take turns
+epoch by epoch (one computes, the others wait), so each pair of epochs compared ran within seconds
+of each other on this drifting host; `--sequential` trains them one after the other instead:
 
 (ref)     `build_vae` with keras-tcn's own TCN layers (Keras' Conv1D) + `compile(Adam(lr))` +
           `model.fit(x_train, batch_size, shuffle=True, validation_data=(x_val,))`, TensorFlow's
@@ -16,7 +18,8 @@ Per arm: seconds per epoch (median after the first), first-epoch seconds, traini
 second, achieved GFLOP/s (TensorFlow's own FLOP count of one forward pass x 3 for forward and
 backward) and its share of this machine's float32 matmul rate (numpy 2048x2048, measured in the
 same command), peak RSS, final training and validation loss, and test AP of the mse and kl scores.
-Then per configuration: the speed-up (target >= 2x windows per second), whether the untrained
+Then per configuration: the speed-up (target >= 2x windows per second; in turns, the median of
+the per-epoch ratios, their 10-90 % range and the median of every 10 epochs), whether the untrained
 model's reconstruction loss agrees to 1e-5 (the same computation) and whether both reach the same
 best validation loss in --epochs within --tolerance; a third arm (the reference with the next
 training seed) shows the run-to-run spread of those losses and test APs. Nothing is asserted on
@@ -118,11 +121,13 @@ def run_arm(
     patience: int | None = None,
     target: float | None = None,
     schedule: dict | None = None,
+    turns: bool = False,
 ) -> dict:
     """Train one arm in this process and return its measurements.
 
     Without `patience` every epoch runs (throughput); with it, early stopping as in a real run.
-    With `target`, training stops at the first epoch whose validation loss is <= target.
+    With `target`, training stops at the first epoch whose validation loss is <= target. With
+    `turns`, every epoch waits for a line on stdin after printing WAIT (see `interleaved`).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.simplefilter("ignore")
@@ -154,6 +159,15 @@ def run_arm(
     initial: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
+        """Times each epoch; with `turns`, each epoch (and what follows the last) waits for the
+        driver's go on stdin, so arms of one configuration take turns on the cores."""
+
+        def _wait(self) -> None:
+            if turns:
+                print("WAIT", flush=True)
+                if not sys.stdin.readline():
+                    sys.exit("bench_train: the driver went away")
+
         def on_train_begin(self, logs=None):
             # the untrained model's reconstruction BCE (mean coding, no noise drawn), eagerly and
             # outside the timed epochs: both arms start from the same weights and compute the same
@@ -162,6 +176,7 @@ def run_arm(
             initial.append(float(keras.ops.mean(bce)))
 
         def on_epoch_begin(self, epoch, logs=None):
+            self._wait()
             self._t0 = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
@@ -169,6 +184,9 @@ def run_arm(
             val_losses.append(float((logs or {}).get("val_loss", float("nan"))))
             if target is not None and val_losses[-1] <= target:
                 self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            self._wait()  # scoring and FLOP counting, once the other arms are done training
 
     val_losses: list[float] = []
 
@@ -233,6 +251,7 @@ def run_arm(
         "threads": f"{tf.config.threading.get_intra_op_parallelism_threads()}/"
         f"{tf.config.threading.get_inter_op_parallelism_threads()}",
         "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+        "turns": turns,
     }
 
 
@@ -252,6 +271,85 @@ def spawn_arm(
     if out.returncode != 0 or not lines:
         sys.exit(f"{config} / {arm} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _tensorflow_enables_onednn() -> bool:
+    """Whether TensorFlow turns oneDNN on by itself on this CPU (asked in a fresh process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    probe = (
+        "import tensorflow\n"
+        "from tensorflow.python.util import _pywrap_util_port\n"
+        "print(_pywrap_util_port.IsMklEnabled())"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    return out.stdout.strip().endswith("True")
+
+
+def interleaved(arms: list[tuple[str, dict, dict]], config: str, epochs: int, data_dir: Path):
+    """Train the arms of one configuration in fresh processes at the same time, one epoch each
+    in turn: arm 1's epoch 1, arm 2's epoch 1, ..., arm 1's epoch 2, ...
+
+    This host's speed drifts by 10-20 % within minutes; arms trained one after the other each
+    saw a different machine, so their ratio moved by as much from run to run. In turns, epoch i of
+    every arm runs within seconds of the others', and the ratio of paired epochs shows how steady
+    it is. Only one process computes at a time: the others wait in a callback (start-up and
+    tracing before the first turn, scoring after the last, one arm after another).
+    `arms` holds (name, env, extra run_arm arguments); returns one result per arm.
+    """
+    import tempfile
+
+    children = []
+    for name, env, extra in arms:
+        cmd = [
+            sys.executable, __file__, "--arm", "ref" if name != "millvae" else "millvae",
+            "--config", config, "--epochs", str(epochs), "--data-dir", str(data_dir),
+            "--extra", json.dumps({**extra, "turns": True}),
+        ]  # fmt: skip
+        child_env = {**os.environ, **env}
+        if USER_ONEDNN is None and "TF_ENABLE_ONEDNN_OPTS" not in env:
+            child_env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # set by importing millvae here
+        err = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env
+        )
+        children.append((name, proc, err))
+    print(f"{config}: {', '.join(a[0] for a in arms)} in turns, {epochs} epochs ...", flush=True)
+
+    def until(name, proc, err, word: str) -> str:
+        for line in proc.stdout:
+            if line.startswith(word):
+                return line
+        proc.wait()
+        err.seek(0)
+        sys.exit(f"{config} / {name} failed ({proc.returncode}):\n{err.read()[-3000:]}")
+
+    for child in children:  # all started, imported, prepared and waiting for epoch 1
+        until(*child, "WAIT")
+    for _ in range(epochs):
+        for name, proc, err in children:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            until(name, proc, err, "WAIT")  # its epoch is over
+    results = []
+    for name, proc, err in children:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = until(name, proc, err, "RESULT ")
+        proc.wait()
+        results.append({**json.loads(line.removeprefix("RESULT ")), "arm": name})
+    return results
+
+
+def paired_ratios(ref: dict, opt: dict, block: int = 10) -> tuple[float, float, float, list]:
+    """Per-epoch speed-up ref/opt over the epochs after the first: median, its 10-90 % range,
+    and the median of each block of `block` epochs."""
+    ratios = [r / o for r, o in zip(ref["epoch_times"][1:], opt["epoch_times"][1:], strict=False)]
+    if not ratios:
+        return float("nan"), float("nan"), float("nan"), []
+    deciles = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else [ratios[0]] * 9
+    blocks = [statistics.median(ratios[i : i + block]) for i in range(0, len(ratios), block)]
+    return statistics.median(ratios), deciles[0], deciles[-1], blocks
 
 
 def report(rows: list[dict], matmul: float, tolerance: float) -> None:
@@ -301,6 +399,13 @@ def report(rows: list[dict], matmul: float, tolerance: float) -> None:
         rel0 = abs(opt["initial_bce"] - ref["initial_bce"]) / abs(ref["initial_bce"])
         noise = next((r for r in rows if r["config"] == config and r["arm"] == NOISE_ARM), None)
         onednn = next((r for r in rows if r["config"] == config and r["arm"] == ONEDNN_ARM), None)
+        if ref.get("turns") and opt.get("turns"):
+            speed, low, high, blocks = paired_ratios(ref, opt)
+            print(
+                f"{config}: paired epochs (same minute of the host): median speed-up "
+                f"{speed:.2f}x, 10-90 % of epochs {low:.2f}-{high:.2f}x; per 10 epochs "
+                f"{', '.join(f'{b:.2f}' for b in blocks)}"
+            )
         verdict = "meets" if speed >= TARGET_SPEEDUP else "misses"
         same = "within" if rel <= tolerance else "OUTSIDE"
         same0 = "within" if rel0 <= INITIAL_TOLERANCE else "OUTSIDE"
@@ -410,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         "--candidate", default="{}", help="JSON of run parameters for the candidate arm"
     )
     parser.add_argument("--ref-cache", type=Path, help="JSON file to reuse reference runs from")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="train the arms one after the other instead of in turns, epoch by epoch",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is timed apart)")
@@ -431,13 +541,22 @@ def main(argv: list[str] | None = None) -> int:
     matmul = matmul_gflops()
     rows = []
     for c in configs:
-        rows += [spawn_arm(arm, c, epochs, args.data_dir) for arm in ("ref", "millvae")]
-        if not rows[-2]["onednn"] and USER_ONEDNN is None:
-            on = spawn_arm("ref", c, epochs, args.data_dir, env={"TF_ENABLE_ONEDNN_OPTS": "1"})
-            rows.append({**on, "arm": ONEDNN_ARM})
+        if args.sequential:
+            rows += [spawn_arm(arm, c, epochs, args.data_dir) for arm in ("ref", "millvae")]
+            if not rows[-2]["onednn"] and USER_ONEDNN is None:
+                on = spawn_arm("ref", c, epochs, args.data_dir, env={"TF_ENABLE_ONEDNN_OPTS": "1"})
+                rows.append({**on, "arm": ONEDNN_ARM})
+            if not args.quick:  # the run-to-run spread that "the same results" is judged against
+                seed = int(PARAM_DEFAULTS["seed"]) + 1
+                other = spawn_arm("ref", c, epochs, args.data_dir, seed=seed)
+                rows.append({**other, "arm": NOISE_ARM})
+            continue
+        arms = [("ref", {}, {}), ("millvae", {}, {})]
+        if USER_ONEDNN is None and not _tensorflow_enables_onednn():
+            arms.append((ONEDNN_ARM, {"TF_ENABLE_ONEDNN_OPTS": "1"}, {}))
         if not args.quick:  # the run-to-run spread that "the same results" is judged against
-            other = spawn_arm("ref", c, epochs, args.data_dir, seed=int(PARAM_DEFAULTS["seed"]) + 1)
-            rows.append({**other, "arm": NOISE_ARM})
+            arms.append((NOISE_ARM, {}, {"seed": int(PARAM_DEFAULTS["seed"]) + 1}))
+        rows += interleaved(arms, c, epochs, args.data_dir)
     report(rows, matmul, args.tolerance)
     return 0
 
