@@ -78,9 +78,9 @@ def _dilated_conv_probe(x: tf.Tensor, w: tf.Tensor) -> tuple:
 
 # Input channels from which the filter gradient is computed as matrix products (see
 # `_causal_conv`). Measured per convolution of the paper's and the seed default's shapes (batch
-# 1024, AMD Zen 3, AVX2): 16 channels, 1.1-2.0x faster than oneDNN's Conv2DBackpropFilter on two
-# threads and 1.6-2.7x on one (a search worker's); 32 channels, 0.9-1.2x on two, 1.1-1.2x on one;
-# the raw signals' 5 channels, slower (0.9x).
+# 1024, AMD Zen 3, AVX2), against oneDNN's Conv2DBackpropFilter: 16 channels, 0.9-2.0x (median
+# 1.3x) on two threads and 1.5-2.7x on one (a search worker's); 32 channels, 0.9-1.2x on two,
+# 1.1-1.2x on one; the raw signals' 5 channels, 0.9x.
 GEMM_FILTER_GRAD_MIN_CHANNELS = 16
 
 
