@@ -76,12 +76,12 @@ def _dilated_conv_probe(x: tf.Tensor, w: tf.Tensor) -> tuple:
     return y, dx, dw
 
 
-# Input channels from which the filter gradient is computed as matrix products (see
-# `_causal_conv`). Measured per convolution of the paper's and the seed default's shapes (batch
-# 1024, AMD Zen 3, AVX2), against oneDNN's Conv2DBackpropFilter: 16 channels, 0.9-2.0x (median
-# 1.3x) on two threads and 1.5-2.7x on one (a search worker's); 32 channels, 0.9-1.2x on two,
-# 1.1-1.2x on one; the raw signals' 5 channels, 0.9x.
-GEMM_FILTER_GRAD_MIN_CHANNELS = 16
+# Input channels for which the filter gradient is computed as matrix products (`_causal_conv`),
+# both ends included. Measured per convolution (batch 1024, kernel 2-8, AMD Zen 3, AVX2) against
+# oneDNN's Conv2DBackpropFilter: 8-16 channels 0.99-2.7x on two threads (the paper's 16: median
+# 1.3x) and 1.04-2.7x on one (a search worker's); from 17 channels on 0.55-0.95x on two threads
+# (17: 0.63x, 32: 0.78-1.20x, 48-127: 0.58-0.91x); the raw signals' 5 channels 0.89x.
+GEMM_FILTER_GRAD_CHANNELS = (8, 16)
 
 
 def _rows(m: tf.Tensor, drop_first: int, drop_last: int) -> tf.Tensor:
@@ -139,15 +139,16 @@ class CausalConv1D(keras.layers.Conv1D):
     Keras hands a dilated convolution to `tf.nn.convolution`, which wraps it in SpaceToBatch /
     BatchToSpace and convolves a reshuffled batch: about 20 % of the paper's model's training step
     on two CPU cores. A Conv2D with a dilation rate computes the same sums in one kernel, 1.4-3x
-    faster forward and backward (`benchmarks/bench_train.py`). From
-    `GEMM_FILTER_GRAD_MIN_CHANNELS` input channels on, the filter gradient is matrix products
-    (`_causal_conv`), dilated or not. Same weights and names as Conv1D, so saved models load either
-    way; falls back to Conv1D where the kernel is not available.
+    faster forward and backward (`benchmarks/bench_train.py`). With input channels in
+    `GEMM_FILTER_GRAD_CHANNELS`, the filter gradient is matrix products (`_causal_conv`), dilated
+    or not. Same weights and names as Conv1D, so saved models load either way; falls back to
+    Conv1D where the kernel is not available.
     """
 
     def call(self, inputs: Any) -> Any:
         rate = self.dilation_rate[0]
-        gemm = inputs.shape[-1] is not None and inputs.shape[-1] >= GEMM_FILTER_GRAD_MIN_CHANNELS
+        low, high = GEMM_FILTER_GRAD_CHANNELS
+        gemm = inputs.shape[-1] is not None and low <= inputs.shape[-1] <= high
         if (
             self.padding != "causal"
             or (rate == 1 and not gemm)
