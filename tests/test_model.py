@@ -392,59 +392,6 @@ def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypa
     assert "SpaceToBatchND" in loss_and_gradients(fallback)[2]
 
 
-@pytest.mark.parametrize(
-    ("channels", "kernel_size", "rate", "batch", "gemm"),
-    [
-        (16, 3, 1, 5, True),
-        (16, 3, 4, 7, True),
-        (8, 2, 2, 1, True),
-        (12, 1, 1, 3, True),
-        (16, 4, 8, 2, True),
-        (17, 3, 2, 2, False),  # wider: oneDNN's filter gradient measured faster
-        (32, 2, 4, 3, False),
-        (5, 2, 2, 2, False),
-    ],
-)
-def test_filter_gradient_as_matrix_products_equals_keras_conv1d(
-    channels, kernel_size, rate, batch, gemm
-):
-    from millvae import model as mm
-
-    low, high = mm.GEMM_FILTER_GRAD_CHANNELS
-    assert (low <= channels <= high) == gemm
-    rng = np.random.default_rng(channels + kernel_size + rate)
-    x = tf.constant(rng.normal(size=(batch, 24, channels)).astype(np.float32))
-    dy = tf.constant(rng.normal(size=(batch, 24, 12)).astype(np.float32))
-    args = dict(filters=12, kernel_size=kernel_size, padding="causal", dilation_rate=rate)
-    fast, plain = mm.CausalConv1D(**args), keras.layers.Conv1D(**args)
-    fast.build(x.shape)
-    plain.build(x.shape)
-    plain.set_weights([w + 0.1 * rng.normal(size=w.shape) for w in fast.get_weights()])
-    fast.set_weights(plain.get_weights())
-
-    def value_and_gradients(layer):
-        @tf.function
-        def run(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x)
-                loss = tf.reduce_sum(y * dy)
-            return y, tape.gradient(loss, [x, *layer.trainable_weights])
-
-        ops_ = {op.type for op in run.get_concrete_function(x).graph.get_operations()}
-        y, grads = run(x)
-        return y.numpy(), [g.numpy() for g in grads], ops_
-
-    y, grads, ops_ = value_and_gradients(fast)
-    ref_y, ref_grads, _ = value_and_gradients(plain)
-    if mm._native_dilated_conv():  # else the layer is Keras' Conv1D itself
-        assert ("Conv2DBackpropFilter" not in ops_) == gemm
-        assert ("MatMul" in ops_) == gemm
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads, strict=True):  # input, kernel, bias
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
-
-
 def _applier(optimizer, variables):
     @tf.function
     def apply(grads):
