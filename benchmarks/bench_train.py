@@ -255,17 +255,26 @@ def run_arm(
     }
 
 
-def spawn_arm(
-    arm: str, config: str, epochs: int, data_dir: Path, env: dict | None = None, **extra
-) -> dict:
+def _arm_process(
+    arm: str, config: str, epochs: int, data_dir: Path, env: dict | None, extra: dict
+) -> tuple[list[str], dict]:
+    """Command line and environment of a child training one arm ("millvae" or a plain one)."""
     cmd = [
-        sys.executable, __file__, "--arm", arm, "--config", config,
-        "--epochs", str(epochs), "--data-dir", str(data_dir), "--extra", json.dumps(extra),
+        sys.executable, __file__, "--arm", "millvae" if arm == "millvae" else "ref",
+        "--config", config, "--epochs", str(epochs), "--data-dir", str(data_dir),
+        "--extra", json.dumps(extra),
     ]  # fmt: skip
-    print(f"{config}: {arm} {extra or ''} {env or ''} ...", flush=True)
     child = {**os.environ, **(env or {})}
     if USER_ONEDNN is None and "TF_ENABLE_ONEDNN_OPTS" not in (env or {}):
         child.pop("TF_ENABLE_ONEDNN_OPTS", None)  # set by importing millvae here, not by the user
+    return cmd, child
+
+
+def spawn_arm(
+    arm: str, config: str, epochs: int, data_dir: Path, env: dict | None = None, **extra
+) -> dict:
+    print(f"{config}: {arm} {extra or ''} {env or ''} ...", flush=True)
+    cmd, child = _arm_process(arm, config, epochs, data_dir, env, extra)
     out = subprocess.run(cmd, capture_output=True, text=True, env=child)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -301,14 +310,7 @@ def interleaved(arms: list[tuple[str, dict, dict]], config: str, epochs: int, da
 
     children = []
     for name, env, extra in arms:
-        cmd = [
-            sys.executable, __file__, "--arm", "ref" if name != "millvae" else "millvae",
-            "--config", config, "--epochs", str(epochs), "--data-dir", str(data_dir),
-            "--extra", json.dumps({**extra, "turns": True}),
-        ]  # fmt: skip
-        child_env = {**os.environ, **env}
-        if USER_ONEDNN is None and "TF_ENABLE_ONEDNN_OPTS" not in env:
-            child_env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # set by importing millvae here
+        cmd, child_env = _arm_process(name, config, epochs, data_dir, env, {**extra, "turns": True})
         err = tempfile.TemporaryFile(mode="w+")
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env
@@ -539,24 +541,20 @@ def main(argv: list[str] | None = None) -> int:
     configs = ["seed default"] if args.quick else list(CONFIGS)
     epochs = 4 if args.quick else args.epochs
     matmul = matmul_gflops()
+    # (name, env, run_arm arguments) per arm; the same for every configuration
+    arms = [("ref", {}, {}), ("millvae", {}, {})]
+    if USER_ONEDNN is None and not _tensorflow_enables_onednn():
+        arms.append((ONEDNN_ARM, {"TF_ENABLE_ONEDNN_OPTS": "1"}, {}))
+    if not args.quick:  # the run-to-run spread that "the same results" is judged against
+        arms.append((NOISE_ARM, {}, {"seed": int(PARAM_DEFAULTS["seed"]) + 1}))
     rows = []
     for c in configs:
         if args.sequential:
-            rows += [spawn_arm(arm, c, epochs, args.data_dir) for arm in ("ref", "millvae")]
-            if not rows[-2]["onednn"] and USER_ONEDNN is None:
-                on = spawn_arm("ref", c, epochs, args.data_dir, env={"TF_ENABLE_ONEDNN_OPTS": "1"})
-                rows.append({**on, "arm": ONEDNN_ARM})
-            if not args.quick:  # the run-to-run spread that "the same results" is judged against
-                seed = int(PARAM_DEFAULTS["seed"]) + 1
-                other = spawn_arm("ref", c, epochs, args.data_dir, seed=seed)
-                rows.append({**other, "arm": NOISE_ARM})
-            continue
-        arms = [("ref", {}, {}), ("millvae", {}, {})]
-        if USER_ONEDNN is None and not _tensorflow_enables_onednn():
-            arms.append((ONEDNN_ARM, {"TF_ENABLE_ONEDNN_OPTS": "1"}, {}))
-        if not args.quick:  # the run-to-run spread that "the same results" is judged against
-            arms.append((NOISE_ARM, {}, {"seed": int(PARAM_DEFAULTS["seed"]) + 1}))
-        rows += interleaved(arms, c, epochs, args.data_dir)
+            for name, env, extra in arms:
+                row = spawn_arm(name, c, epochs, args.data_dir, env=env, **extra)
+                rows.append({**row, "arm": name})
+        else:
+            rows += interleaved(arms, c, epochs, args.data_dir)
     report(rows, matmul, args.tolerance)
     return 0
 
