@@ -45,6 +45,8 @@ _RC = {
 }
 # a score is drawn on a log axis when it is positive and its bulk covers this many decades
 _LOG_DECADES = 1.5
+# share of a case's panel left blank on each side, so neighbouring cases stay apart
+_PANEL_MARGIN = 0.03
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -378,22 +380,20 @@ def case_trends(
 
     with matplotlib.rc_context(_RC):
         fig = _new_figure(max(3.4 * ncols, 5.5), 0.9 + 2.5 * nrows)
-        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-        # shared y: tick labels on the first column only; the legend (1-2 rows) sits at the bottom
+        # One axes per row of cases, each case a unit-wide panel inside it: a figure of 16
+        # separate axes spent most of its time building and drawing their ticks (1.5 s of a
+        # search trial, real data); four axes show the same at a third of the cost.
+        axes = fig.subplots(nrows, 1, squeeze=False, sharey=True)[:, 0]
         legend_rows = 1 if ncols >= 3 else 2
         _margins(
             fig,
             left=0.8,
             top=0.6,
             bottom=0.55 + 0.22 * legend_rows,
-            wgap=0.2,
             hgap=0.75,
             nrows=nrows,
-            ncols=ncols,
+            ncols=1,
         )
-        flat = axes.ravel()
-        for ax in flat[len(cases) :]:
-            ax.axis("off")
         # one grouping for all panels (a groupby per panel was a tenth of this figure's time)
         per_cut = (
             df.groupby("cut_no", sort=False)
@@ -406,29 +406,58 @@ def case_trends(
             .sort_values(["case", "run"])
         )
         by_case = dict(tuple(df.groupby("case", sort=False)))
-        for ax, case in zip(flat, cases, strict=False):
-            part = by_case[case]
-            cuts = per_cut[per_cut["case"] == case]
-            pos = {cut: i for i, cut in enumerate(cuts.index)}
-            # the class bands as one collection (x in data, y spanning the axes), not a patch
-            # per cut: a figure holds ~170 of them
-            spans = [
-                [(i - 0.5, 0), (i - 0.5, 1), (i + 0.5, 1), (i + 0.5, 0)] for i in range(len(cuts))
-            ]
+        for r, ax in enumerate(axes):
+            row = cases[r * ncols : (r + 1) * ncols]
+            spans, band_colors, xs, ys, sps = [], [], [], [], []
+            mean_x, mean_y, ticks, tick_labels = [], [], [], []
+            for k, case in enumerate(row):
+                part, cuts = by_case[case], per_cut[per_cut["case"] == case]
+                n = len(cuts)
+                # cut i of the case's panel [k, k + 1): centred in its slot, a margin each side
+                slot = (1.0 - 2 * _PANEL_MARGIN) / n
+                centre = k + _PANEL_MARGIN + slot * (np.arange(n) + 0.5)
+                pos = dict(zip(cuts.index, centre, strict=True))
+                spans += [
+                    [(c - slot / 2, 0), (c - slot / 2, 1), (c + slot / 2, 1), (c + slot / 2, 0)]
+                    for c in centre
+                ]
+                band_colors += [CLASS_COLORS[int(c)] for c in cuts["tool_class"]]
+                xs.append(
+                    part["cut_no"].map(pos).to_numpy(dtype=float)
+                    + rng.uniform(-0.22, 0.22, len(part)) * slot
+                )
+                ys.append(part["score"].to_numpy())
+                sps.append(part["split"].to_numpy())
+                # NaN between cases breaks the line of cut means: one artist for the row
+                mean_x += [*centre, np.nan]
+                mean_y += [*cuts["mean"], np.nan]
+                runs = cuts["run"].to_numpy()
+                every = max(1, int(np.ceil(n / 6)))
+                ticks += list(centre[::every])
+                tick_labels += [str(int(v)) for v in runs[::every]]
+                splits = sorted(part["split"].unique(), key=_split_key)
+                ax.annotate(
+                    f"case {int(case)} · {'/'.join(map(str, splits))} · {n} cut{'s' * (n != 1)}",
+                    xy=(k + 0.5, 1.0),
+                    xycoords=ax.get_xaxis_transform(),
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=_RC["axes.titlesize"],
+                )
+            # the class bands as one collection (x in data, y spanning the axes)
             ax.add_collection(
                 PolyCollection(
                     spans,
-                    facecolors=[CLASS_COLORS[int(k)] for k in cuts["tool_class"]],
+                    facecolors=band_colors,
                     alpha=0.16,
                     linewidths=0,
                     transform=ax.get_xaxis_transform(),
                 ),
                 autolim=False,
             )
-            x = part["cut_no"].map(pos).to_numpy(dtype=float)
-            x = x + rng.uniform(-0.22, 0.22, x.size)
-            y = part["score"].to_numpy()
-            split = part["split"].to_numpy()
+            x, y, split = np.concatenate(xs), np.concatenate(ys), np.concatenate(sps)
             for sp, marker in split_markers.items():
                 m = split == sp
                 # markers of a Line2D: Agg stamps one rendered marker, where a scatter
@@ -436,28 +465,22 @@ def case_trends(
                 ax.plot(
                     x[m], y[m], ls="", marker=marker, ms=8**0.5, mew=0, color="0.25", alpha=0.35
                 )
-            ax.plot(np.arange(len(cuts)), cuts["mean"], color="#1f3b73", lw=1.4, marker="o", ms=3)
+            ax.plot(mean_x, mean_y, color="#1f3b73", lw=1.4, marker="o", ms=3)
             if np.isfinite(threshold) and (threshold > 0 or not log):
                 ax.axhline(threshold, color="0.1", lw=1.1, ls="--")
-            runs = cuts["run"].to_numpy()
-            step = max(1, int(np.ceil(len(runs) / 8)))
-            ticks = np.arange(0, len(runs), step)
-            ax.set_xticks(ticks, [str(int(r)) for r in runs[ticks]])
-            ax.set_xlim(-0.5, len(cuts) - 0.5)
-            splits = sorted(part["split"].unique(), key=_split_key)
-            n = len(cuts)
-            ax.set_title(
-                f"case {int(case)} · {'/'.join(map(str, splits))} · {n} cut{'s' * (n != 1)}"
-            )
+            for k in range(1, len(row)):
+                ax.axvline(k, color="0.55", lw=0.9)
+            ax.set_xticks(ticks, tick_labels)
+            ax.set_xlim(0, len(row))
+            ax.set_ylabel(label + (" (log)" if log else ""))
             ax.grid(axis="y", alpha=0.3)
+            if len(row) < ncols:
+                # a short last row keeps the panel width of the rows above
+                box = ax.get_position()
+                ax.set_position([box.x0, box.y0, box.width * len(row) / ncols, box.height])
         if log:
-            _log_y(flat[0])
-        for r in range(nrows):
-            axes[r, 0].set_ylabel(label + (" (log)" if log else ""))
-        for j in range(ncols):
-            # the lowest filled panel of each column carries the x label
-            last = max(r for r in range(nrows) if r * ncols + j < len(cases))
-            axes[last, j].set_xlabel("run (cut order)")
+            _log_y(axes[0])
+        axes[-1].set_xlabel("run (cut order)")
         handles = [
             Patch(color=c, alpha=0.35, label=n)
             for n, c in zip(CLASS_NAMES, CLASS_COLORS, strict=True)
@@ -493,8 +516,8 @@ def reconstruction_examples(
     path,
     title: str = "",
 ) -> Path:
-    """Input vs reconstruction of a window per class: a column per example, a row per signal,
-    and a last row with the mean squared error per signal.
+    """Input vs reconstruction of a window per class: a column per example with its signals
+    stacked, and below them the mean squared error per signal, a bar per class.
     """
     names = [str(n) for n in signal_names]
     order = [k for k in CLASS_NAMES if k in examples] + [
@@ -520,67 +543,68 @@ def reconstruction_examples(
     }
 
     nsig, ncol = len(names), len(order)
+    # the traces of a window's signals stacked in one panel, this far apart (scaled values
+    # lie in about [0, 1]); a panel per signal and class made 18 axes, whose ticks and frames
+    # were most of the figure's 1.1-1.7 s in a search trial
+    gap = 1.35
+    offsets = gap * np.arange(nsig)[::-1]
     with matplotlib.rc_context(_RC):
-        fig = _new_figure(max(3.6 * ncol, 5.5), 1.0 + 1.45 * nsig + 1.9)
-        # room above for the title and each column's class caption, below for the rotated signal
-        # names and the legend; an empty spacer row keeps the last signal's x label clear of
-        # the bar panels' titles
+        fig = _new_figure(max(3.6 * ncol, 5.5), 1.0 + 1.2 * nsig + 2.4)
         _margins(
             fig,
-            left=0.75,
+            left=0.95,
             top=1.0 if title else 0.65,
-            bottom=1.15,
-            wgap=0.6,
-            hgap=0.4,
-            nrows=nsig + 2,
+            bottom=0.85,
+            wgap=0.35,
+            hgap=0.85,
+            nrows=2,
             ncols=ncol,
         )
-        grid = fig.add_gridspec(nsig + 2, ncol, height_ratios=[1.0] * nsig + [0.25, 1.3])
-        axes = np.empty((nsig + 1, ncol), dtype=object)
-        for j in range(ncol):
-            for i in range(nsig):
-                axes[i, j] = fig.add_subplot(grid[i, j])
-            axes[nsig, j] = fig.add_subplot(grid[nsig + 1, j])
+        grid = fig.add_gridspec(2, ncol, height_ratios=[1.2 * nsig, 1.6])
+        traces = [fig.add_subplot(grid[0, 0])]
+        traces += [fig.add_subplot(grid[0, j], sharey=traces[0]) for j in range(1, ncol)]
+        bar = fig.add_subplot(grid[1, :])
         for j, key in enumerate(order):
             win, rec = pairs[key]
-            t = np.arange(win.shape[0])
-            for i, sig in enumerate(names):
-                ax = axes[i, j]
-                ax.plot(t, win[:, i], color="0.15", lw=1.1, label="input")
-                ax.plot(t, rec[:, i], color=colors[key], lw=1.4, label="reconstruction")
-                ax.set_title(f"{sig} · sq. error {errors[key][i]:.2e}", fontsize=8.5)
-                ax.grid(alpha=0.3)
-                ax.margins(x=0)
-                if j == 0:
-                    ax.set_ylabel("scaled")
-                if i < nsig - 1:
-                    ax.tick_params(labelbottom=False)
-                else:
-                    ax.set_xlabel("sample in window")
-            axes[0, j].annotate(
+            ax, t = traces[j], np.arange(win.shape[0])
+            # NaN rows separate the signals: one line for all inputs, one for all reconstructions
+            sep = np.full((1, nsig), np.nan)
+            tt = np.tile(np.append(t, t[-1]), nsig)
+            ax.plot(tt, np.vstack([win + offsets, sep]).T.ravel(), color="0.15", lw=1.1)
+            ax.plot(tt, np.vstack([rec + offsets, sep]).T.ravel(), color=colors[key], lw=1.4)
+            for i in range(nsig):
+                ax.text(
+                    t[-1],
+                    offsets[i] + 1.02,
+                    f"sq. error {errors[key][i]:.2e}",
+                    ha="right",
+                    va="bottom",
+                    fontsize=7.5,
+                    color="0.3",
+                )
+            ax.set_title(
                 f"{key}  (mse {errors[key].mean():.2e})",
-                xy=(0.5, 1.0),
-                xycoords="axes fraction",
-                xytext=(0, 18),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
                 fontsize=10.5,
                 fontweight="bold",
                 color=colors[key],
+                pad=8,
             )
-            bar = axes[nsig, j]
-            bar.bar(np.arange(nsig), errors[key], color=colors[key], alpha=0.8)
-            bar.set_xticks(np.arange(nsig), names, rotation=30, ha="right")
-            bar.set_xlim(-0.75, nsig - 0.25)
-            bar.set_title("mean squared error per signal", fontsize=8.5)
-            bar.grid(axis="y", alpha=0.3)
-            if j == 0:
-                bar.set_ylabel("sq. error")
-        # one y range for all bar panels so classes compare at a glance
-        top = max(float(e.max()) for e in errors.values()) * 1.1 or 1.0
-        for j in range(ncol):
-            axes[nsig, j].set_ylim(0, top)
+            ax.set_xlim(t[0], t[-1])
+            ax.set_xlabel("sample in window")
+            ax.grid(axis="x", alpha=0.3)
+            ax.spines["left"].set_visible(False)
+            ax.tick_params(axis="y", length=0, labelleft=j == 0)
+        traces[0].set_yticks(offsets + 0.5, names)
+        traces[0].set_ylim(-0.25, offsets[0] + 1.3)
+        width = min(0.8 / ncol, 0.27)  # one or two classes: bars of the usual width
+        for j, key in enumerate(order):
+            pos = np.arange(nsig) + (j - (ncol - 1) / 2) * width
+            bar.bar(pos, errors[key], width=width, color=colors[key], alpha=0.8)
+        bar.set_xticks(np.arange(nsig), names)
+        bar.set_xlim(-0.6, nsig - 0.4)
+        bar.set_title("mean squared error per signal", fontsize=9)
+        bar.set_ylabel("sq. error")
+        bar.grid(axis="y", alpha=0.3)
         _bottom_legend(
             fig,
             [
