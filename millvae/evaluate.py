@@ -230,8 +230,12 @@ def evaluate_and_log(
     title: str,
     examples: dict | None = None,
     extra_metrics: dict | None = None,
+    log_metrics: bool = True,
 ) -> Evaluation:
-    """Evaluate with the run's settings and log metrics, tags, plots, scores and thresholds."""
+    """Evaluate with the run's settings and log metrics, tags, plots, scores and thresholds.
+
+    With `log_metrics=False` the caller logs `ev.metrics` (and `extra_metrics`, merged into it).
+    """
     import json
     import tempfile
 
@@ -247,7 +251,9 @@ def evaluate_and_log(
         n_boot=cfg.bootstrap,
         seed=cfg.seed,
     )
-    mlflow.log_metrics({**ev.metrics, **(extra_metrics or {})})
+    ev.metrics.update(extra_metrics or {})
+    if log_metrics:
+        mlflow.log_metrics(ev.metrics)
     mlflow.set_tags(
         {
             "protocol": PROTOCOLS[cfg.split],
