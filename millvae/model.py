@@ -76,21 +76,114 @@ def _dilated_conv_probe(x: tf.Tensor, w: tf.Tensor) -> tuple:
     return y, dx, dw
 
 
+# Input channels for which the filter gradient is computed as matrix products (`_causal_conv`),
+# both ends included. Measured per convolution (batch 1024, kernel 2-8, AMD Zen 3, AVX2) against
+# oneDNN's Conv2DBackpropFilter: 8-16 channels 0.99-2.7x on two threads (the paper's 16: median
+# 1.3x) and 1.04-2.7x on one (a search worker's); from 17 channels on 0.55-0.95x on two threads
+# (17: 0.63x, 32: 0.78-1.20x, 48-127: 0.58-0.91x); the raw signals' 5 channels 0.89x.
+GEMM_FILTER_GRAD_CHANNELS = (8, 16)
+
+# The gradient of `_causal_conv`: registered once per process under this fixed name, and found
+# there by name by the gradient tapes it is recorded on. Not `tf.custom_gradient`: in a traced
+# function that registers a new gradient function under a new name on every trace, which the
+# registry keeps, with the graph it closes over, for the rest of the process (about 23 MiB per fit
+# of tests/test_train.py's model).
+_GEMM_GRAD = "MillvaeCausalConvGemmFilterGrad"
+
+
+def _conv_attrs(rate: int) -> dict[str, Any]:
+    return dict(strides=[1, 1, 1, 1], padding="VALID", dilations=[1, 1, rate, 1])
+
+
+def _rows(m: tf.Tensor, drop_first: int, drop_last: int) -> tf.Tensor:
+    """m[drop_first : len(m) - drop_last] of a matrix, as one op with constant bounds (the end
+    counted from the back): the `m[a:b]` helper, with b from the batch's row count, made tracing
+    the paper's model ~1 s slower."""
+    end = [-drop_last, 0] if drop_last else [0, 0]
+    mask = 2 if drop_last else 3  # bits of the dimensions that run to their end
+    return tf.raw_ops.StridedSlice(
+        input=m, begin=[drop_first, 0], end=end, strides=[1, 1], begin_mask=2, end_mask=mask
+    )
+
+
+def _gemm_conv_grad(op: Any, dy: tf.Tensor) -> list[tf.Tensor | None]:
+    """Gradients for the inputs (x, kernel, rate) of `_causal_conv`'s recorded op, given dy.
+
+    oneDNN computes the filter gradient of these convolutions at a quarter to a half of the
+    forward pass's rate, the largest single cost of a training step (27-29 % of its op time). The
+    same sums as products over all rows of the batch: with `dy` padded by `pad` zero rows at the
+    end of each window, tap j's gradient is ``x_rows[j * rate:]^T @ dy_rows[:-j * rate]`` (the
+    zero rows stop sums from crossing windows), and both operands are row ranges of the flattened
+    tensors, which TensorFlow slices without copying. Everything comes from `op.inputs` (the
+    tape's stand-in for an op) and static shapes, so the registered function holds no graph.
+    """
+    x, kernel, rate = op.inputs
+    rate = int(tf.get_static_value(rate))
+    k = int(kernel.shape[0])
+    pad = (k - 1) * rate
+    x4, w4 = tf.expand_dims(x, 1), tf.expand_dims(kernel, 0)
+    dx = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(x4), filter=w4, out_backprop=tf.expand_dims(dy, 1), **_conv_attrs(rate)
+    )
+    x_rows = tf.reshape(x, [-1, x.shape[-1]])
+    dy_rows = tf.reshape(tf.pad(dy, [[0, 0], [0, pad], [0, 0]]), [-1, dy.shape[-1]])
+    taps = [
+        tf.matmul(_rows(x_rows, j * rate, 0), _rows(dy_rows, 0, j * rate), transpose_a=True)
+        for j in range(k)
+    ]
+    return [tf.squeeze(dx, 1), tf.stack(taps), None]
+
+
+try:
+    tf.RegisterGradient(_GEMM_GRAD)(_gemm_conv_grad)
+except KeyError:  # registered already: this module was reloaded
+    pass
+
+
+def _causal_conv(x: tf.Tensor, kernel: tf.Tensor, rate: int) -> tf.Tensor:
+    """VALID dilated convolution of causally padded x[n, time + pad, in] with kernel[k, in, out],
+    pad = (k - 1) * rate, as one Conv2D whose filter gradient is k matrix products.
+
+    y is recorded on the active gradient tapes, eager or tracing, as the output of one op named
+    `_GEMM_GRAD` with inputs (x, kernel, rate); a tape differentiates it with the function
+    registered under that name (`_gemm_conv_grad`). A tape keeps a tensor's latest record, so
+    this one replaces the Squeeze's, as `tf.custom_gradient`'s replaces its IdentityN's. Nothing
+    is registered per call, and what a tape records goes with the tape.
+
+    Symbolic gradients (`tf.gradients`; the backward function of a traced function called under
+    a tape outside it) read the graph and take oneDNN's filter gradient: correct, slower. Routing
+    them here with `gradient_override_map` breaks `tf.saved_model.save`, which traces the gradient
+    of every overridden op without the op (``op=None``), and this gradient needs the op's inputs.
+    """
+    y = tf.squeeze(
+        tf.raw_ops.Conv2D(
+            input=tf.expand_dims(x, 1), filter=tf.expand_dims(kernel, 0), **_conv_attrs(rate)
+        ),
+        1,
+    )
+    tf.__internal__.record_gradient(_GEMM_GRAD, [x, kernel, tf.constant(rate)], (), [y])
+    return y
+
+
 class CausalConv1D(keras.layers.Conv1D):
     """`keras.layers.Conv1D` whose causal, dilated convolution runs as one dilated Conv2D.
 
     Keras hands a dilated convolution to `tf.nn.convolution`, which wraps it in SpaceToBatch /
     BatchToSpace and convolves a reshuffled batch: about 20 % of the paper's model's training step
     on two CPU cores. A Conv2D with a dilation rate computes the same sums in one kernel, 1.4-3x
-    faster forward and backward (`benchmarks/bench_train.py`). Same weights and names as Conv1D,
-    so saved models load either way; falls back to Conv1D where the kernel is not available.
+    faster forward and backward (`benchmarks/bench_train.py`). With input channels in
+    `GEMM_FILTER_GRAD_CHANNELS`, the filter gradient is matrix products (`_causal_conv`), dilated
+    or not. Same weights and names as Conv1D, so saved models load either way; falls back to
+    Conv1D where the kernel is not available.
     """
 
     def call(self, inputs: Any) -> Any:
         rate = self.dilation_rate[0]
+        low, high = GEMM_FILTER_GRAD_CHANNELS
+        gemm = inputs.shape[-1] is not None and low <= inputs.shape[-1] <= high
         if (
             self.padding != "causal"
-            or rate == 1
+            or (rate == 1 and not gemm)
             or tuple(self.strides) != (1,)
             or self.data_format != "channels_last"
             or not _native_dilated_conv()
@@ -98,14 +191,17 @@ class CausalConv1D(keras.layers.Conv1D):
             return super().call(inputs)
         x = tf.pad(inputs, self._compute_causal_padding())
         kernel = tf.cast(self.kernel, x.dtype)
-        y = tf.nn.conv2d(
-            tf.expand_dims(x, 1),
-            tf.expand_dims(kernel, 0),
-            strides=1,
-            padding="VALID",
-            dilations=[1, 1, rate, 1],
-        )
-        y = tf.squeeze(y, 1)
+        if gemm:
+            y = _causal_conv(x, kernel, rate)
+        else:
+            y = tf.nn.conv2d(
+                tf.expand_dims(x, 1),
+                tf.expand_dims(kernel, 0),
+                strides=1,
+                padding="VALID",
+                dilations=[1, 1, rate, 1],
+            )
+            y = tf.squeeze(y, 1)
         if self.use_bias:
             y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         return y if self.activation is None else self.activation(y)

@@ -392,6 +392,120 @@ def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypa
     assert "SpaceToBatchND" in loss_and_gradients(fallback)[2]
 
 
+@pytest.mark.parametrize(
+    ("channels", "kernel_size", "rate", "batch", "gemm"),
+    [
+        (16, 3, 1, 5, True),
+        (16, 3, 4, 7, True),
+        (8, 2, 2, 1, True),
+        (12, 1, 1, 3, True),
+        (16, 4, 8, 2, True),
+        (17, 3, 2, 2, False),  # wider: oneDNN's filter gradient measured faster
+        (32, 2, 4, 3, False),
+        (5, 2, 2, 2, False),
+    ],
+)
+def test_filter_gradient_as_matrix_products_equals_keras_conv1d(
+    channels, kernel_size, rate, batch, gemm
+):
+    from millvae import model as mm
+
+    low, high = mm.GEMM_FILTER_GRAD_CHANNELS
+    assert (low <= channels <= high) == gemm
+    rng = np.random.default_rng(channels + kernel_size + rate)
+    x = tf.constant(rng.normal(size=(batch, 24, channels)).astype(np.float32))
+    dy = tf.constant(rng.normal(size=(batch, 24, 12)).astype(np.float32))
+    args = dict(filters=12, kernel_size=kernel_size, padding="causal", dilation_rate=rate)
+    fast, plain = mm.CausalConv1D(**args), keras.layers.Conv1D(**args)
+    fast.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights([w + 0.1 * rng.normal(size=w.shape) for w in fast.get_weights()])
+    fast.set_weights(plain.get_weights())
+
+    def value_and_gradients(layer, traced=True):
+        def run(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(y * dy)
+            return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+        ops_ = set()
+        if traced:
+            run = tf.function(run)
+            ops_ = {op.type for op in run.get_concrete_function(x).graph.get_operations()}
+        y, grads = run(x)
+        return y.numpy(), [g.numpy() for g in grads], ops_
+
+    y, grads, ops_ = value_and_gradients(fast)
+    ref_y, ref_grads, _ = value_and_gradients(plain)
+    if mm._native_dilated_conv():  # else the layer is Keras' Conv1D itself
+        assert ("Conv2DBackpropFilter" not in ops_) == gemm
+        assert ("MatMul" in ops_) == gemm
+    eager_y, eager_grads, _ = value_and_gradients(fast, traced=False)  # e.g. run_eagerly=True
+    for got_y, got_grads in [(y, grads), (eager_y, eager_grads)]:
+        np.testing.assert_allclose(got_y, ref_y, rtol=1e-5, atol=1e-5)
+        for g, r in zip(got_grads, ref_grads, strict=True):  # input, kernel, bias
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
+
+
+def test_matrix_product_gradient_is_registered_once_not_per_trace():
+    # tf.custom_gradient registered a gradient function, holding the traced graph, per trace:
+    # ~23 MiB per fit that never came back (tests/test_train.py, repeated fits)
+    from tensorflow.python.framework import ops as tf_ops
+
+    from millvae import model as mm
+
+    if not mm._native_dilated_conv():
+        pytest.skip("no dilated Conv2D kernel here: the layer is Keras' Conv1D")
+    layer = mm.CausalConv1D(filters=4, kernel_size=3, padding="causal", dilation_rate=2)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 16, 8)).astype(np.float32))
+    layer.build(x.shape)
+    before = len(tf_ops._gradient_registry.list())
+    registered = []
+    for _ in range(3):  # a new function each time: each traces anew
+
+        @tf.function
+        def gradients(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x) ** 2)
+            return tape.gradient(loss, [x, layer.kernel])
+
+        ops_ = {op.type for op in gradients.get_concrete_function(x).graph.get_operations()}
+        assert "Conv2DBackpropFilter" not in ops_ and "MatMul" in ops_
+        registered.append(len(tf_ops._gradient_registry.list()))
+    assert registered == [before] * 3
+
+
+def test_matrix_product_path_keeps_symbolic_gradients_and_saved_models_working(tmp_path):
+    # symbolic gradients (tf.gradients) read the graph, so they take the Conv2D's own gradient;
+    # tf.saved_model.save failed when an override map routed them to the tape's gradient function
+    from millvae.model import CausalConv1D
+
+    layer = CausalConv1D(filters=4, kernel_size=3, padding="causal", dilation_rate=2)
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, 16, 8)).astype(np.float32))
+    layer.build(x.shape)
+
+    @tf.function
+    def taped_and_symbolic(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        symbolic = tf.gradients(tf.reduce_sum(layer(x) ** 2), [x, layer.kernel.value])
+        return tape.gradient(loss, [x, layer.kernel]), symbolic
+
+    for t, s in zip(*taped_and_symbolic(x), strict=True):
+        np.testing.assert_allclose(t.numpy(), s.numpy(), rtol=1e-4, atol=1e-5 * np.abs(s).max())
+
+    module = tf.Module()
+    module.layer = layer
+    module.call = tf.function(layer, input_signature=[tf.TensorSpec([None, 16, 8])])
+    tf.saved_model.save(module, str(tmp_path))
+    loaded = tf.saved_model.load(str(tmp_path))  # kept: its variables die with it
+    np.testing.assert_allclose(loaded.call(x), layer(x), rtol=1e-6)
+
+
 def _applier(optimizer, variables):
     @tf.function
     def apply(grads):
