@@ -65,11 +65,24 @@ def _native_dilated_conv() -> bool:
         return True
 
 
+def _conv_attrs(rate: int) -> dict[str, Any]:
+    """The attributes of every Conv2D op here: stride 1, VALID, dilated along the time axis."""
+    return dict(strides=[1, 1, 1, 1], padding="VALID", dilations=[1, 1, rate, 1])
+
+
+def _conv2d(x: tf.Tensor, kernel: tf.Tensor, rate: int) -> tf.Tensor:
+    """VALID dilated convolution of x[n, time, in] with kernel[k, in, out] as one Conv2D."""
+    y = tf.raw_ops.Conv2D(
+        input=tf.expand_dims(x, 1), filter=tf.expand_dims(kernel, 0), **_conv_attrs(rate)
+    )
+    return tf.squeeze(y, 1)
+
+
 # The three kernels a training step runs, called directly: `init_scope` pauses gradient tapes, so
 # a tape-based probe traced here would record nothing and "succeed" without running a gradient.
 @tf.function(autograph=False)
 def _dilated_conv_probe(x: tf.Tensor, w: tf.Tensor) -> tuple:
-    conv = dict(strides=[1, 1, 1, 1], padding="VALID", dilations=[1, 1, 2, 1])
+    conv = _conv_attrs(2)
     y = tf.raw_ops.Conv2D(input=x, filter=w, **conv)
     dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=y, **conv)
     dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=y, **conv)
@@ -89,10 +102,6 @@ GEMM_FILTER_GRAD_CHANNELS = (8, 16)
 # registry keeps, with the graph it closes over, for the rest of the process (about 23 MiB per fit
 # of tests/test_train.py's model).
 _GEMM_GRAD = "MillvaeCausalConvGemmFilterGrad"
-
-
-def _conv_attrs(rate: int) -> dict[str, Any]:
-    return dict(strides=[1, 1, 1, 1], padding="VALID", dilations=[1, 1, rate, 1])
 
 
 def _rows(m: tf.Tensor, drop_first: int, drop_last: int) -> tf.Tensor:
@@ -155,12 +164,7 @@ def _causal_conv(x: tf.Tensor, kernel: tf.Tensor, rate: int) -> tf.Tensor:
     them here with `gradient_override_map` breaks `tf.saved_model.save`, which traces the gradient
     of every overridden op without the op (``op=None``), and this gradient needs the op's inputs.
     """
-    y = tf.squeeze(
-        tf.raw_ops.Conv2D(
-            input=tf.expand_dims(x, 1), filter=tf.expand_dims(kernel, 0), **_conv_attrs(rate)
-        ),
-        1,
-    )
+    y = _conv2d(x, kernel, rate)
     tf.__internal__.record_gradient(_GEMM_GRAD, [x, kernel, tf.constant(rate)], (), [y])
     return y
 
@@ -191,17 +195,7 @@ class CausalConv1D(keras.layers.Conv1D):
             return super().call(inputs)
         x = tf.pad(inputs, self._compute_causal_padding())
         kernel = tf.cast(self.kernel, x.dtype)
-        if gemm:
-            y = _causal_conv(x, kernel, rate)
-        else:
-            y = tf.nn.conv2d(
-                tf.expand_dims(x, 1),
-                tf.expand_dims(kernel, 0),
-                strides=1,
-                padding="VALID",
-                dilations=[1, 1, rate, 1],
-            )
-            y = tf.squeeze(y, 1)
+        y = (_causal_conv if gemm else _conv2d)(x, kernel, rate)
         if self.use_bias:
             y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         return y if self.activation is None else self.activation(y)
