@@ -346,7 +346,8 @@ def _rss_mib() -> float:
 def _configure_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"  # see millvae.runtime: no oversubscription
+    # see millvae.runtime: two where a worker has the cores for them, no oversubscription
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(min(2, threads))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
