@@ -195,8 +195,9 @@ def run_arm(
 
         import millvae.model
 
-        # the TCNs exactly as keras-tcn builds them, with Keras' own Conv1D
+        # the TCNs exactly as keras-tcn builds them, with Keras' own Conv1D and BatchNormalization
         millvae.model._tcn_conv_layers = contextlib.nullcontext
+        millvae.model.BATCH_NORM = keras.layers.BatchNormalization
         model = build_model(cfg, x_train.shape[2])
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         stop = []

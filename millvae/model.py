@@ -43,7 +43,15 @@ import tensorflow as tf
 from keras import ops
 from tcn import TCN
 
-__all__ = ["CUSTOM_OBJECTS", "BetaVAE", "CausalConv1D", "FusedAdam", "OneCycle", "build_vae"]
+__all__ = [
+    "CUSTOM_OBJECTS",
+    "BetaVAE",
+    "CausalConv1D",
+    "FusedAdam",
+    "FusedBatchNormalization",
+    "OneCycle",
+    "build_vae",
+]
 
 _PACKAGE = "millvae"
 
@@ -201,6 +209,62 @@ class CausalConv1D(keras.layers.Conv1D):
         return y if self.activation is None else self.activation(y)
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` whose training step runs TensorFlow's fused kernel.
+
+    Keras normalises with separate ops (moments, then scale and shift), and their gradients are
+    as many again: each a pass over the activations, which on two CPU cores are bound by memory
+    bandwidth. `FusedBatchNormV3` computes the batch statistics and the normalised output in one
+    op and its gradient in another: forward and backward of one of the seed default's layers
+    (1024 windows x 64 steps x 32 channels) 9-10 ms against 20-22 ms (AMD Zen 3, two threads).
+    The same normalisation (biased batch variance, the layer's epsilon) and the same update of
+    the moving statistics; the kernel reports the batch variance with Bessel's correction, which
+    is undone for that update. Inference (validation, scoring) runs the fused kernel on the moving
+    statistics: one pass instead of Keras' four. Same weights and config as the Keras layer.
+    Masks, renorm, synchronised statistics and non-float32 inputs take Keras' path.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        if (
+            mask is not None
+            or self.renorm
+            or self.synchronized
+            or inputs.dtype != tf.float32
+            or len(inputs.shape) != 3
+            or self.axis not in (-1, 2)
+            or self.epsilon < 1.001e-5  # the kernel's floor
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        channels = int(inputs.shape[-1])
+        train = bool(training and self.trainable)
+        empty = tf.constant([], tf.float32)
+        y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=tf.expand_dims(inputs, 1),
+            scale=self.gamma if self.scale else tf.ones([channels]),
+            offset=self.beta if self.center else tf.zeros([channels]),
+            mean=empty if train else self.moving_mean,
+            variance=empty if train else self.moving_variance,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=train,
+        )
+        if not train:  # normalised with the moving statistics, which stay as they are
+            return tf.squeeze(y, 1)
+        n = tf.cast(tf.shape(inputs)[0] * tf.shape(inputs)[1], tf.float32)
+        variance = variance * tf.maximum(n - 1.0, 0.0) / n  # the biased variance, as Keras uses
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+        )
+        return tf.squeeze(y, 1)
+
+
+# The BatchNormalization the builders use (the training benchmark's plain arm swaps in Keras').
+BATCH_NORM: type = FusedBatchNormalization
+
+
 @contextlib.contextmanager
 def _tcn_conv_layers() -> Iterator[None]:
     """keras-tcn builds its convolutions from the name `tcn.tcn.Conv1D` when a TCN is first
@@ -254,7 +318,7 @@ def _build_encoder(
     for i in range(conv_layers):
         with _tcn_conv_layers():
             z = _tcn(filters, kernel_size, dilations, name=f"encoder_tcn_{i}")(z)
-        z = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"encoder_batch_norm_{i}")(z)
+        z = BATCH_NORM(momentum=bn_momentum, name=f"encoder_batch_norm_{i}")(z)
         z = keras.layers.MaxPool1D(pool_size=2, name=f"encoder_max_pool_{i}")(z)
     z = keras.layers.Flatten(name="encoder_flatten")(z)
     mean = keras.layers.Dense(codings_size, name="codings_mean")(z)
@@ -279,7 +343,7 @@ def _build_decoder(
     x = keras.layers.Reshape((steps, filters), name="decoder_reshape")(x)
     for i in range(conv_layers):
         x = keras.layers.UpSampling1D(size=2, name=f"decoder_up_sampling_{i}")(x)
-        x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"decoder_batch_norm_{i}")(x)
+        x = BATCH_NORM(momentum=bn_momentum, name=f"decoder_batch_norm_{i}")(x)
         with _tcn_conv_layers():
             x = _tcn(filters, kernel_size, dilations, name=f"decoder_tcn_{i}")(x)
     outputs = keras.layers.Conv1D(
@@ -648,6 +712,7 @@ CUSTOM_OBJECTS: dict[str, type] = {
     "TCN": TCN,
     "OneCycle": OneCycle,
     "FusedAdam": FusedAdam,
+    "FusedBatchNormalization": FusedBatchNormalization,
 }
 
 

@@ -132,9 +132,11 @@ def test_score_raw_gives_exactly_the_evaluation_scores(trained):
         score_raw(t.model, sampled, t.raw)["mse"],
         window_scores(t.model, t.x, t.signals, samples=3, seed=5)["mse"],
     )
-    # a single window [window, signal] is one row
+    # a single window [window, signal] is one row; alone it runs through oneDNN kernels blocked
+    # for one window, not 40, whose float rounding differs (KL 0.9e-6 and 1.9e-6 apart, relative,
+    # for two trainings of this model)
     one = score_raw(t.model, t.config, t.raw[3])
-    assert len(one) == 1 and one["kl"].iloc[0] == pytest.approx(expected["kl"].iloc[3], rel=1e-6)
+    assert len(one) == 1 and one["kl"].iloc[0] == pytest.approx(expected["kl"].iloc[3], rel=1e-5)
 
 
 def test_decision_uses_its_threshold_and_falls_back_without_a_condition(trained):

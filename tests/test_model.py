@@ -618,3 +618,68 @@ def test_dilated_models_train_with_onednn_on_off_or_left_to_millvae(onednn):
     assert got["onednn"] is (onednn != "0")
     assert got["native"] is got["onednn"]
     assert np.isfinite(got["loss"])
+
+
+@pytest.mark.parametrize("shape", [(512, 64, 32), (7, 3, 4)])  # 7 x 3 rows: Bessel's n/(n-1) 5 %
+def test_fused_batch_norm_matches_keras_batch_norm(shape, tmp_path):
+    from millvae.model import FusedBatchNormalization
+
+    rng = np.random.default_rng(3)
+    channels = shape[-1]
+    weights = [
+        rng.random(channels).astype("float32") + 0.5,  # gamma
+        rng.standard_normal(channels).astype("float32"),  # beta
+        rng.standard_normal(channels).astype("float32"),  # moving mean
+        rng.random(channels).astype("float32") * 4 + 0.1,  # moving variance
+    ]
+    batches = [tf.constant(rng.standard_normal(shape).astype("float32") * 3 + 1) for _ in range(3)]
+    results, graphs = {}, {}
+    for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
+        layer = cls(momentum=0.9, name="bn")
+        layer.build((None, *shape[1:]))
+        layer.set_weights(weights)
+
+        @tf.function(autograph=False)
+        def step(x, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.sin(y))
+            return [y, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
+
+        outs = [[t.numpy() for t in step(x)] for x in batches]  # moving statistics move 3 times
+        inference = layer(batches[0], training=False).numpy()
+        results[cls] = (outs, [w.numpy() for w in layer.weights], inference)
+        graphs[cls] = [
+            op.type for op in step.get_concrete_function(batches[0]).graph.get_operations()
+        ]
+    (keras_outs, keras_w, keras_inf), (fused_outs, fused_w, fused_inf) = results.values()
+    for want, got in zip(keras_outs, fused_outs, strict=True):
+        for a, b in zip(want, got, strict=True):  # y, dx, dgamma, dbeta
+            np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-4 * float(np.abs(a).max()))
+    for a, b in zip(keras_w, fused_w, strict=True):  # gamma, beta and the moving statistics
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused_inf, keras_inf, rtol=1e-5, atol=1e-5)
+    assert "FusedBatchNormV3" in graphs[FusedBatchNormalization]
+    assert "FusedBatchNormV3" not in graphs[keras.layers.BatchNormalization]
+
+
+def test_models_use_the_fused_batch_norm_and_save_it(tmp_path):
+    from millvae.model import FusedBatchNormalization
+
+    model = compiled()
+    norms = [
+        layer
+        for part in (model.encoder, model.decoder)
+        for layer in part.layers
+        if "batch_norm" in layer.name
+    ]
+    assert len(norms) == 2 * SMALL["conv_layers"]
+    assert all(type(layer) is FusedBatchNormalization for layer in norms)
+    x = sinusoid_windows(64, SMALL["window_size"], SMALL["n_signals"], seed=1)
+    model.fit(x, epochs=1, batch_size=32, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.encoder.get_layer("encoder_batch_norm_0")) is FusedBatchNormalization
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
