@@ -35,8 +35,13 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def inter_op_threads(intra: int) -> int:
+    """Inter-op threads for a process with `intra` intra-op threads (see the module docstring)."""
+    return min(2, max(1, intra))
+
+
 def configure_threads(threads: int = 0) -> bool:
-    """Intra-op threads = `threads` (0: `usable_cores()`); inter-op threads = min(2, intra-op).
+    """Intra-op threads = `threads` (0: `usable_cores()`); inter-op ones by `inter_op_threads`.
 
     Environment variables TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS, when set, win. Returns
     False when TensorFlow already started its thread pools (they cannot change then).
@@ -44,7 +49,7 @@ def configure_threads(threads: int = 0) -> bool:
     import tensorflow as tf
 
     intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or threads or usable_cores())
-    inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or min(2, intra))
+    inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or inter_op_threads(intra))
     try:
         if tf.config.threading.get_intra_op_parallelism_threads() != intra:
             tf.config.threading.set_intra_op_parallelism_threads(intra)

@@ -621,7 +621,7 @@ def test_dilated_models_train_with_onednn_on_off_or_left_to_millvae(onednn):
 
 
 @pytest.mark.parametrize("shape", [(512, 64, 32), (7, 3, 4)])  # 7 x 3 rows: Bessel's n/(n-1) 5 %
-def test_fused_batch_norm_matches_keras_batch_norm(shape, tmp_path):
+def test_fused_batch_norm_matches_keras_batch_norm(shape):
     from millvae.model import FusedBatchNormalization
 
     rng = np.random.default_rng(3)
