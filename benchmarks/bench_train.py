@@ -6,7 +6,8 @@ process so first-epoch tracing and peak memory are its own. The arms of a config
 epoch by epoch (one computes, the others wait), so each pair of epochs compared ran within seconds
 of each other on this drifting host; `--sequential` trains them one after the other instead:
 
-(ref)     `build_vae` with keras-tcn's own TCN layers (Keras' Conv1D) + `compile(Adam(lr))` +
+(ref)     `build_vae` with keras-tcn's own TCN layers (its `TCN`, Keras' Conv1D and
+          BatchNormalization) + `compile(Adam(lr))` +
           `model.fit(x_train, batch_size, shuffle=True, validation_data=(x_val,))`, TensorFlow's
           thread and oneDNN defaults (TensorFlow loads before millvae); what a Keras user writes.
 (millvae) `millvae.train.fit`, the path every `main` run and search trial takes.
@@ -196,6 +197,7 @@ def run_arm(
         import millvae.model
 
         # the TCNs exactly as keras-tcn builds them, with Keras' own Conv1D and BatchNormalization
+        millvae.model.TCN_LAYER = millvae.model.TCN
         millvae.model._tcn_conv_layers = contextlib.nullcontext
         millvae.model.BATCH_NORM = keras.layers.BatchNormalization
         model = build_model(cfg, x_train.shape[2])

@@ -43,12 +43,15 @@ import tensorflow as tf
 from keras import ops
 from tcn import TCN
 
+from millvae.runtime import cpu_flags
+
 __all__ = [
     "CUSTOM_OBJECTS",
     "BetaVAE",
     "CausalConv1D",
     "FusedAdam",
     "FusedBatchNormalization",
+    "FusedTCN",
     "OneCycle",
     "build_vae",
 ]
@@ -98,11 +101,14 @@ def _dilated_conv_probe(x: tf.Tensor, w: tf.Tensor) -> tuple:
 
 
 # Input channels for which the filter gradient is computed as matrix products (`_causal_conv`),
-# both ends included. Measured per convolution (batch 1024, kernel 2-8, AMD Zen 3, AVX2) against
-# oneDNN's Conv2DBackpropFilter: 8-16 channels 0.99-2.7x on two threads (the paper's 16: median
-# 1.3x) and 1.04-2.7x on one (a search worker's); from 17 channels on 0.55-0.95x on two threads
-# (17: 0.63x, 32: 0.78-1.20x, 48-127: 0.58-0.91x); the raw signals' 5 channels 0.89x.
-GEMM_FILTER_GRAD_CHANNELS = (8, 16)
+# both ends included; None: never. Measured per convolution (batch 1024, kernel 2-8, AMD Zen 3,
+# AVX2) against oneDNN's Conv2DBackpropFilter: 8-16 channels 0.99-2.7x on two threads (the
+# paper's 16: median 1.3x) and 1.04-2.7x on one (a search worker's); from 17 channels on
+# 0.55-0.95x on two threads (17: 0.63x, 32: 0.78-1.20x, 48-127: 0.58-0.91x); the raw signals' 5
+# channels 0.89x. Where the CPU has AVX-512, oneDNN's own kernels are the faster ones: the
+# paper's best trained 1.07-1.12x slower per step with the matrix products on two Intel
+# (Sapphire Rapids) cores and 1.14x slower on one, the seed default 1.08x with them up to 32.
+GEMM_FILTER_GRAD_CHANNELS: tuple[int, int] | None = None if "avx512f" in cpu_flags() else (8, 16)
 
 # The gradient of `_causal_conv`: registered once per process under this fixed name, and found
 # there by name by the gradient tapes it is recorded on. Not `tf.custom_gradient`: in a traced
@@ -177,6 +183,21 @@ def _causal_conv(x: tf.Tensor, kernel: tf.Tensor, rate: int) -> tf.Tensor:
     return y
 
 
+def _gemm_channels(channels: int | None) -> bool:
+    """Whether a convolution over this many input channels takes the matrix-product gradient."""
+    if GEMM_FILTER_GRAD_CHANNELS is None or channels is None:
+        return False
+    low, high = GEMM_FILTER_GRAD_CHANNELS
+    return low <= channels <= high
+
+
+def _padded_conv(x: tf.Tensor, kernel: Any, rate: int) -> tf.Tensor:
+    """The causal convolution of x[n, time + pad, in], already padded, with kernel[k, in, out]:
+    one Conv2D, whose filter gradient is matrix products for `GEMM_FILTER_GRAD_CHANNELS`."""
+    kernel = tf.cast(kernel, x.dtype)
+    return (_causal_conv if _gemm_channels(x.shape[-1]) else _conv2d)(x, kernel, rate)
+
+
 class CausalConv1D(keras.layers.Conv1D):
     """`keras.layers.Conv1D` whose causal, dilated convolution runs as one dilated Conv2D.
 
@@ -191,8 +212,7 @@ class CausalConv1D(keras.layers.Conv1D):
 
     def call(self, inputs: Any) -> Any:
         rate = self.dilation_rate[0]
-        low, high = GEMM_FILTER_GRAD_CHANNELS
-        gemm = inputs.shape[-1] is not None and low <= inputs.shape[-1] <= high
+        gemm = _gemm_channels(inputs.shape[-1])
         if (
             self.padding != "causal"
             or (rate == 1 and not gemm)
@@ -202,8 +222,7 @@ class CausalConv1D(keras.layers.Conv1D):
         ):
             return super().call(inputs)
         x = tf.pad(inputs, self._compute_causal_padding())
-        kernel = tf.cast(self.kernel, x.dtype)
-        y = (_causal_conv if gemm else _conv2d)(x, kernel, rate)
+        y = _padded_conv(x, self.kernel, rate)
         if self.use_bias:
             y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         return y if self.activation is None else self.activation(y)
@@ -281,10 +300,87 @@ def _tcn_conv_layers() -> Iterator[None]:
         tcn.tcn.Conv1D = original
 
 
+CONV1D, IDENTITY = keras.layers.Conv1D, keras.layers.Lambda
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE, name="FusedTCN")
+class FusedTCN(TCN):
+    """keras-tcn's `TCN` whose residual blocks run their elementwise work as fused kernels.
+
+    keras-tcn computes a block as conv → bias → SELU → conv → bias → SELU → SELU (the skip
+    output) → + residual → SELU, each arrow a TensorFlow op and its gradient another, each a
+    pass over a [windows, steps, filters] tensor; with the causal Pad before each convolution
+    (and a Slice in its gradient) those passes took half of the seed default's training step.
+    Here a block is two convolutions and three kernels of `millvae.native` (bias + SELU written
+    already padded for the next convolution; bias + SELU + SELU; residual + SELU), and their
+    gradients three more: 1.26x less time per training step on two Intel cores (seed default,
+    1.27x the paper's best). The same layers, weights and config as `TCN`; the same sums to
+    float rounding. Where the kernels are unavailable, or the TCN is not the seed's kind (SELU,
+    causal, skip connections, sequences out, no dropout or normalisation), it is `TCN` itself.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
+        if not self._fusable(inputs):
+            return super().call(inputs, training=training, **kwargs)
+        from millvae import native
+
+        blocks = self.residual_blocks
+        pads = [(self.kernel_size - 1) * block.dilation_rate for block in blocks]
+        x = tf.pad(inputs, [[0, 0], [pads[0], 0], [0, 0]])  # each block's input comes padded
+        skips = []
+        for i, block in enumerate(blocks):
+            rate, pad = block.dilation_rate, pads[i]
+            conv0, conv1 = (layer for layer in block.layers if isinstance(layer, CONV1D))
+            h = native.bias_selu(_padded_conv(x, conv0.kernel, rate), conv0.bias, pad=pad)
+            skip = native.bias_selu(_padded_conv(h, conv1.kernel, rate), conv1.bias, twice=True)
+            skips.append(skip)
+            if i + 1 == len(blocks):
+                break  # the last block's residual output feeds nothing
+            match = block.shape_match_conv
+            if isinstance(match, CONV1D):  # the first block, 1x1 to `nb_filters`
+                res = _conv2d(inputs, tf.cast(match.kernel, inputs.dtype), 1)
+                x = native.add_selu(skip, res, match.bias, pad=pads[i + 1])
+            else:
+                x = native.add_selu(skip, x, offset=pad, pad=pads[i + 1])
+        return tf.add_n(skips) if len(skips) > 1 else skips[0]
+
+    def _fusable(self, inputs: Any) -> bool:
+        from millvae import native
+
+        shape = inputs.shape
+        if not (
+            len(shape) == 3
+            and shape[1] is not None
+            and shape[2] is not None
+            and inputs.dtype == tf.float32
+            and self.activation_name == "selu"
+            and self.padding == "causal"
+            and self.use_skip_connections
+            and self.return_sequences
+            and not (self.go_backwards or self.return_state)
+            and not (self.use_batch_norm or self.use_layer_norm)
+            and self.dropout_rate == 0.0
+            and isinstance(self.nb_filters, int)
+            # only the first block may need a 1x1 convolution to `nb_filters` channels
+            and all(isinstance(b.shape_match_conv, IDENTITY) for b in self.residual_blocks[1:])
+        ):
+            return False
+        return _native_dilated_conv() and native.ops() is not None
+
+
+# A .keras file addresses the weights of a model's layers by their class names ("tcn"), not by
+# layer names: under keras-tcn's name, models saved with either class load into the other.
+FusedTCN.__name__ = "TCN"
+
+
+# The TCN the builders use (the training benchmark's plain arm swaps in keras-tcn's).
+TCN_LAYER: type = FusedTCN
+
+
 def _tcn(
     filters: int, kernel_size: int, dilations: Sequence[int], name: str
 ) -> TCN:  # one TCN block with the seed's fixed settings
-    return TCN(
+    return TCN_LAYER(
         nb_filters=filters,
         kernel_size=kernel_size,
         nb_stacks=1,
@@ -713,6 +809,7 @@ CUSTOM_OBJECTS: dict[str, type] = {
     "OneCycle": OneCycle,
     "FusedAdam": FusedAdam,
     "FusedBatchNormalization": FusedBatchNormalization,
+    "FusedTCN": FusedTCN,
 }
 
 

@@ -14,6 +14,7 @@ thread, so workers do not oversubscribe the cores.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -33,6 +34,20 @@ def usable_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, cores)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``avx512f``, ...) from /proc/cpuinfo; empty where
+    unknown (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def inter_op_threads(intra: int) -> int:
