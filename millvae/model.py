@@ -322,6 +322,25 @@ class FusedTCN(TCN):
     def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
         if not self._fusable(inputs):
             return super().call(inputs, training=training, **kwargs)
+        from millvae.runtime import window_groups
+
+        groups = window_groups()
+        if groups == 1:
+            return self._blocks(inputs)
+        # The windows in `groups` independent groups, one per inter-op thread, each op on one
+        # core (see `millvae.runtime.thread_pools`). A batch of fewer windows is padded with
+        # zero windows, dropped again: TensorFlow's Conv2D answers an empty group with its input.
+        n = tf.shape(inputs)[0]
+        m = tf.maximum(n, groups)
+        size = m // groups
+        parts = tf.split(
+            tf.pad(inputs, [[0, m - n], [0, 0], [0, 0]]), [size] * (groups - 1) + [-1], axis=0
+        )
+        out = tf.concat([self._blocks(part) for part in parts], axis=0)
+        return tf.split(out, [n, m - n], axis=0)[0]
+
+    def _blocks(self, inputs: Any) -> Any:
+        """The residual blocks and their skip sum on windows [n, steps, channels]."""
         from millvae import native
 
         blocks = self.residual_blocks

@@ -1,15 +1,17 @@
 """TensorFlow's CPU threads sized to the cores this process may use.
 
 TensorFlow's defaults give one pool of intra-op threads per core *and* one inter-op thread per core,
-so on a many-core machine many busy threads share the cores. Here: one intra-op thread per usable
-core and two inter-op threads (one where the process has one core). The β-VAE's graph is a chain
-of small ops, but its backward pass has independent pairs (a convolution's input and filter
-gradients, the residual and skip branches); a second inter-op thread runs them side by side.
-Measured in turns on the 2-core AMD EPYC (`benchmarks/bench_train.py`-style arms, 25 epochs, real
-data), two inter-op threads trained 1.07x faster per epoch than one, for both the seed default and
-the paper's best configuration (10-90 % of paired epochs 0.95-1.21x and 1.00-1.24x); one intra-op
-thread with two inter-op threads was 0.84x. Search workers with one core each keep one inter-op
-thread, so workers do not oversubscribe the cores.
+so on a many-core machine many busy threads share the cores. Here, on 2-4 cores: one intra-op
+thread (each op runs on one core) and one inter-op thread per core, and each TCN of the β-VAE
+(`millvae.model.FusedTCN`) computes its windows in that many independent groups, side by side.
+The TCN's convolutions and elementwise kernels are small; spread over two threads each, they
+synchronised more than they gained. Measured on two Intel (Sapphire Rapids) cores against one
+intra-op thread per core with two inter-op threads: 1.045x per epoch for the seed default and
+1.19x for the paper's best (16 filters: the smaller the ops, the more the split pays). One core
+(a search worker with `workers=2` on two): one thread of each. More than 4 cores (unmeasured):
+one intra-op thread per core and two inter-op threads, as measured earlier on the 2-core AMD EPYC
+(1.07x per epoch against one inter-op thread); the ops outside the TCN (BatchNormalization, the
+dense layers, the optimizer) would wait on a single core there.
 """
 
 from __future__ import annotations
@@ -50,21 +52,36 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def inter_op_threads(intra: int) -> int:
-    """Inter-op threads for a process with `intra` intra-op threads (see the module docstring)."""
-    return min(2, max(1, intra))
+def thread_pools(cores: int) -> tuple[int, int]:
+    """(intra-op, inter-op) threads for a process with `cores` cores (see the module docstring)."""
+    if cores <= 1:
+        return 1, 1
+    if cores <= 4:
+        return 1, cores
+    return cores, 2
+
+
+def window_groups() -> int:
+    """Groups of windows a TCN computes side by side: one per inter-op thread where every op runs
+    on one thread (as `thread_pools` has it on 2-4 cores), else 1."""
+    import tensorflow as tf
+
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    inter = tf.config.threading.get_inter_op_parallelism_threads()
+    return inter if intra == 1 and inter > 1 else 1
 
 
 def configure_threads(threads: int = 0) -> bool:
-    """Intra-op threads = `threads` (0: `usable_cores()`); inter-op ones by `inter_op_threads`.
+    """Thread pools by `thread_pools(threads)` (0: `usable_cores()`).
 
     Environment variables TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS, when set, win. Returns
     False when TensorFlow already started its thread pools (they cannot change then).
     """
     import tensorflow as tf
 
-    intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or threads or usable_cores())
-    inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or inter_op_threads(intra))
+    default_intra, default_inter = thread_pools(threads or usable_cores())
+    intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or default_intra)
+    inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or default_inter)
     try:
         if tf.config.threading.get_intra_op_parallelism_threads() != intra:
             tf.config.threading.set_intra_op_parallelism_threads(intra)

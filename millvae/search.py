@@ -344,12 +344,13 @@ def _rss_mib() -> float:
 
 
 def _configure_threads(threads: int) -> None:
-    from millvae.runtime import inter_op_threads
+    from millvae.runtime import thread_pools
 
+    intra, inter = thread_pools(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     # the worker's share of the cores, whatever the driver's environment says: no oversubscription
-    os.environ["TF_NUM_INTEROP_THREADS"] = str(inter_op_threads(threads))
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(intra)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(inter)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -174,6 +174,41 @@ def test_fused_tcn_equals_keras_tcn_values_and_gradients(
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypatch, groups):
+    # on 2-4 cores each TCN computes its windows in groups side by side; batches smaller than
+    # the number of groups (a single window scored) must work too
+    import millvae.runtime
+
+    layer = FusedTCN(
+        nb_filters=8, kernel_size=3, dilations=[1, 2], return_sequences=True, activation="selu"
+    )
+    layer.build((None, 16, 3))
+    rng = np.random.default_rng(groups)
+
+    def run(x, dy):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(y * dy)
+            return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+        return step(x)
+
+    for n in (1, 2, 5, 64):
+        x, dy = _rng_tensor(rng, (n, 16, 3)), _rng_tensor(rng, (n, 16, 8))
+        monkeypatch.setattr(millvae.runtime, "window_groups", lambda: 1)
+        want_y, want_grads = run(x, dy)
+        monkeypatch.setattr(millvae.runtime, "window_groups", lambda: groups)
+        y, grads = run(x, dy)
+        assert y.shape == want_y.shape == (n, 16, 8)
+        np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+        for g, w in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
 def test_tcns_outside_the_seeds_kind_run_keras_tcn():
     # dropout, another activation or no skip connections: the plain layer's own path
     for args in (dict(activation="relu"), dict(dropout_rate=0.1), dict(use_skip_connections=False)):

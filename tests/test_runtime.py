@@ -11,11 +11,12 @@ import pytest
 
 PROBE = """
 import sys
-from millvae.runtime import configure_threads
+from millvae.runtime import configure_threads, window_groups
 import tensorflow as tf
 ok = configure_threads(int(sys.argv[1]))
 t = tf.config.threading
-print(ok, t.get_intra_op_parallelism_threads(), t.get_inter_op_parallelism_threads())
+print(ok, t.get_intra_op_parallelism_threads(), t.get_inter_op_parallelism_threads(),
+      window_groups())
 """
 
 
@@ -36,9 +37,12 @@ def _pools(threads: int, **env: str) -> str:
 @pytest.mark.parametrize(
     ("threads", "env", "expected"),
     [
-        (1, {}, "True 1 1"),  # a search worker's single core: no second inter-op thread
-        (2, {}, "True 2 2"),
-        (2, {"TF_NUM_INTEROP_THREADS": "1"}, "True 2 1"),  # the user's setting wins
+        (1, {}, "True 1 1 1"),  # a search worker's single core: no second inter-op thread
+        (2, {}, "True 1 2 2"),  # each op on one core, the TCN's windows in two groups
+        (4, {}, "True 1 4 4"),
+        (8, {}, "True 8 2 1"),  # many cores: ops spread over them, one group
+        (2, {"TF_NUM_INTEROP_THREADS": "1"}, "True 1 1 1"),  # the user's setting wins
+        (2, {"TF_NUM_INTRAOP_THREADS": "2"}, "True 2 2 1"),
     ],
 )
 def test_thread_pools_follow_the_cores_given(threads, env, expected):
