@@ -43,7 +43,8 @@ import tensorflow as tf
 from keras import ops
 from tcn import TCN
 
-from millvae.runtime import cpu_flags
+from millvae import native
+from millvae.runtime import cpu_flags, window_groups
 
 __all__ = [
     "CUSTOM_OBJECTS",
@@ -300,9 +301,6 @@ def _tcn_conv_layers() -> Iterator[None]:
         tcn.tcn.Conv1D = original
 
 
-CONV1D, IDENTITY = keras.layers.Conv1D, keras.layers.Lambda
-
-
 @keras.saving.register_keras_serializable(package=_PACKAGE, name="FusedTCN")
 class FusedTCN(TCN):
     """keras-tcn's `TCN` whose residual blocks run their elementwise work as fused kernels.
@@ -322,8 +320,6 @@ class FusedTCN(TCN):
     def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
         if not self._fusable(inputs):
             return super().call(inputs, training=training, **kwargs)
-        from millvae.runtime import window_groups
-
         groups = window_groups()
         if groups == 1:
             return self._blocks(inputs)
@@ -341,22 +337,20 @@ class FusedTCN(TCN):
 
     def _blocks(self, inputs: Any) -> Any:
         """The residual blocks and their skip sum on windows [n, steps, channels]."""
-        from millvae import native
-
         blocks = self.residual_blocks
         pads = [(self.kernel_size - 1) * block.dilation_rate for block in blocks]
         x = tf.pad(inputs, [[0, 0], [pads[0], 0], [0, 0]])  # each block's input comes padded
         skips = []
         for i, block in enumerate(blocks):
             rate, pad = block.dilation_rate, pads[i]
-            conv0, conv1 = (layer for layer in block.layers if isinstance(layer, CONV1D))
+            conv0, conv1 = [c for c in block.layers if isinstance(c, keras.layers.Conv1D)]
             h = native.bias_selu(_padded_conv(x, conv0.kernel, rate), conv0.bias, pad=pad)
             skip = native.bias_selu(_padded_conv(h, conv1.kernel, rate), conv1.bias, twice=True)
             skips.append(skip)
             if i + 1 == len(blocks):
                 break  # the last block's residual output feeds nothing
             match = block.shape_match_conv
-            if isinstance(match, CONV1D):  # the first block, 1x1 to `nb_filters`
+            if isinstance(match, keras.layers.Conv1D):  # the first block, 1x1 to `nb_filters`
                 res = _conv2d(inputs, tf.cast(match.kernel, inputs.dtype), 1)
                 x = native.add_selu(skip, res, match.bias, pad=pads[i + 1])
             else:
@@ -364,9 +358,8 @@ class FusedTCN(TCN):
         return tf.add_n(skips) if len(skips) > 1 else skips[0]
 
     def _fusable(self, inputs: Any) -> bool:
-        from millvae import native
-
         shape = inputs.shape
+        identity = keras.layers.Lambda  # keras-tcn's residual without a 1x1 convolution
         if not (
             len(shape) == 3
             and shape[1] is not None
@@ -381,7 +374,7 @@ class FusedTCN(TCN):
             and self.dropout_rate == 0.0
             and isinstance(self.nb_filters, int)
             # only the first block may need a 1x1 convolution to `nb_filters` channels
-            and all(isinstance(b.shape_match_conv, IDENTITY) for b in self.residual_blocks[1:])
+            and all(isinstance(b.shape_match_conv, identity) for b in self.residual_blocks[1:])
         ):
             return False
         return _native_dilated_conv() and native.ops() is not None

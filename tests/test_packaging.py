@@ -67,3 +67,14 @@ def test_readme_first_screen_commands_and_ci_agree():
     install = setup_test.rsplit("&&", 1)[0].strip()
     assert install in ci
     assert "python -m pytest" in ci
+
+
+def test_the_kernels_source_ships_with_the_package():
+    # millvae/native.py compiles millvae/csrc/*.cc on first use: a wheel without them has none
+    from fnmatch import fnmatch
+
+    patterns = _pyproject()["tool"]["setuptools"]["package-data"]["millvae"]
+    sources = [p.relative_to(REPO / "millvae").as_posix() for p in (REPO / "millvae").rglob("*.cc")]
+    assert sources
+    for src in sources:
+        assert any(fnmatch(src, pat) for pat in patterns), src
