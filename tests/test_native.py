@@ -18,6 +18,8 @@ from tcn import TCN
 from millvae import native
 from millvae.model import FusedTCN, _native_dilated_conv, build_vae
 
+from .test_model import SMALL
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,6 +111,22 @@ def test_kernels_refuse_mismatched_shapes(kernels):
         native.add_selu(x, tf.zeros([2, 8, 4]), offset=2)  # res must be [n, t + offset, c]
 
 
+def _traced_layer(layer, x, dy):
+    """(output, gradients of sum(output * dy) for x and every weight) from one tf.function, and
+    the op types of its graph."""
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * dy)
+        return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+    graph = step.get_concrete_function(x).graph
+    return step(x), {op.type for op in graph.get_operations()}
+
+
 def _tcn_pair(cls_args: dict, n_in: int):
     """keras-tcn's TCN and a FusedTCN with the same weights."""
     plain, fused = TCN(**cls_args), FusedTCN(**cls_args)
@@ -153,19 +171,8 @@ def test_fused_tcn_equals_keras_tcn_values_and_gradients(
     x = _rng_tensor(rng, (6, 32, n_in), scale=1.0)
     dy = _rng_tensor(rng, (6, 32, filters))
 
-    def run(layer):
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(layer(x) * dy)
-            return layer(x), tape.gradient(loss, [x, *layer.trainable_weights])
-
-        graph = step.get_concrete_function(x).graph
-        return step(x), {op.type for op in graph.get_operations()}
-
-    (y, grads), fused_ops = run(fused)
-    (want_y, want_grads), plain_ops = run(plain)
+    (y, grads), fused_ops = _traced_layer(fused, x, dy)
+    (want_y, want_grads), plain_ops = _traced_layer(plain, x, dy)
     assert "MillvaeBiasSelu" in fused_ops and "Selu" not in fused_ops
     assert ("MatMul" in fused_ops) == gemm
     assert "Selu" in plain_ops
@@ -178,7 +185,7 @@ def test_fused_tcn_equals_keras_tcn_values_and_gradients(
 def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypatch, groups):
     # on 2-4 cores each TCN computes its windows in groups side by side; batches smaller than
     # the number of groups (a single window scored) must work too
-    import millvae.runtime
+    import millvae.model
 
     layer = FusedTCN(
         nb_filters=8, kernel_size=3, dilations=[1, 2], return_sequences=True, activation="selu"
@@ -186,23 +193,13 @@ def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypat
     layer.build((None, 16, 3))
     rng = np.random.default_rng(groups)
 
-    def run(x, dy):
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x)
-                loss = tf.reduce_sum(y * dy)
-            return y, tape.gradient(loss, [x, *layer.trainable_weights])
-
-        return step(x)
-
     for n in (1, 2, 5, 64):
         x, dy = _rng_tensor(rng, (n, 16, 3)), _rng_tensor(rng, (n, 16, 8))
-        monkeypatch.setattr(millvae.runtime, "window_groups", lambda: 1)
-        want_y, want_grads = run(x, dy)
-        monkeypatch.setattr(millvae.runtime, "window_groups", lambda: groups)
-        y, grads = run(x, dy)
+        monkeypatch.setattr(millvae.model, "window_groups", lambda: 1)
+        (want_y, want_grads), _ = _traced_layer(layer, x, dy)
+        monkeypatch.setattr(millvae.model, "window_groups", lambda: groups)
+        (y, grads), graph_ops = _traced_layer(layer, x, dy)
+        assert "SplitV" in graph_ops  # the windows went in groups
         assert y.shape == want_y.shape == (n, 16, 8)
         np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
         for g, w in zip(grads, want_grads, strict=True):
@@ -221,18 +218,7 @@ def test_tcns_outside_the_seeds_kind_run_keras_tcn():
 
 
 def test_models_are_built_with_fused_tcns_and_save_them(tmp_path):
-    model = build_vae(
-        window_size=32,
-        n_signals=3,
-        codings_size=4,
-        conv_layers=2,
-        start_filter_no=8,
-        kernel_size=3,
-        dilations=[1, 2],
-        final_activation="selu",
-        beta=1.0,
-        seed=3,
-    )
+    model = build_vae(**{**SMALL, "final_activation": "selu"})
     tcns = [layer for part in (model.encoder, model.decoder) for layer in part.layers]
     tcns = [layer for layer in tcns if "tcn" in layer.name]
     assert len(tcns) == 4 and all(type(layer) is FusedTCN for layer in tcns)
