@@ -220,7 +220,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # an exited child its parent has not waited for yet is a zombie: dead all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return True
 
 
 def reap_dead_trials(client, search: Search) -> int:
@@ -321,6 +324,27 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
             pass
 
 
+def trial_cost(params: Mapping) -> float:
+    """Relative compute of a trial, for dispatching the longest first (0 where it is invalid).
+
+    Per window and epoch, each TCN layer's residual blocks (one per dilation) run over the layer's
+    sequence length L with `filters` channels: convolutions ~ L·filters²·kernel, and the
+    elementwise passes, BatchNorm and pooling ~ L·filters. Fitted to the fit times of 8 trials
+    of the benchmark space on one thread (real data, 5 epochs): the per-channel term weighs like
+    256 convolution taps; the model explained each fit within 0.8 s.
+    """
+    from millvae.config import make_config
+
+    try:
+        cfg = make_config(**params)
+    except MillvaeError:
+        return 0.0
+    # encoder and decoder: one TCN on each of the lengths window, window/2, ... per conv layer
+    lengths = 2 * sum(cfg.window_size / 2**i for i in range(cfg.conv_layers))
+    f = cfg.start_filter_no
+    return cfg.epochs * len(cfg.dilations) * lengths * f * (cfg.kernel_size * f + 256)
+
+
 def recycle_mib() -> float:
     """Memory growth (MiB) after which a worker is replaced: MILLVAE_RECYCLE_MIB, 0 = never."""
     raw = os.environ.get("MILLVAE_RECYCLE_MIB", "")
@@ -354,7 +378,7 @@ def _configure_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _worker_main(setup, tasks, results) -> None:
+def _worker_main(setup, tasks, results, forks: int = 0) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver's run is not ours to continue
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -367,14 +391,45 @@ def _worker_main(setup, tasks, results) -> None:
 
     from millvae.train import preload
 
-    # Imports first (about 3 s), while the driver opens the store and the parent run; TensorFlow's
+    # Imports first (about 4 s), while the driver opens the store and the parent run; TensorFlow's
     # thread pools are sized only when the first op runs, after the driver says how many workers.
     preload()
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    children = _fork_workers(forks, setup, tasks, results) if forks else []
+    _work(setup, tasks, results)
+    _leave(results, children)
+
+
+def _fork_workers(n: int, setup, tasks, results) -> list:
+    """n more workers, forked from this one once its imports are done.
+
+    Each worker used to import TensorFlow and the training code itself, side by side with the
+    others and with the driver's own setup, on the same cores: 6.4-7.0 s from the command's start
+    to the first trial (2 workers, 2 cores). Forked, the imports are done once. No TensorFlow
+    runtime exists yet at this point (thread pools, devices and the native kernels come with the
+    first op, in each worker), and a forked worker trains to the same losses as a fresh process.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    kids = [ctx.Process(target=_forked_worker, args=(setup, tasks, results)) for _ in range(n)]
+    for p in kids:
+        p.start()
+    # before any trial: the driver watches these pids to know when every worker is gone
+    results.put({"status": "STARTED", "pids": [p.pid for p in kids]})
+    return kids
+
+
+def _forked_worker(setup, tasks, results) -> None:
+    _work(setup, tasks, results)
+    _leave(results, [])
+
+
+def _work(setup, tasks, results) -> None:
     job = setup.get()
     if job is None:  # the driver found less to do than workers started
-        os._exit(0)
+        return
     search, threads = job
     _configure_threads(threads)
     from millvae.runtime import configure_threads
@@ -397,10 +452,15 @@ def _worker_main(setup, tasks, results) -> None:
             # per fit; FusedAdam does not), but anything that does is capped by a fresh worker.
             results.put({"status": "RETIRED", "pid": os.getpid(), "rss_mib": rss})
             break
+
+
+def _leave(results, children: list) -> None:
     # Every run this worker started has ended and its results are queued: flush them, then leave
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
     results.close()
     results.join_thread()
+    for p in children:  # workers forked from this one are waited for by it
+        p.join()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -409,18 +469,25 @@ def _worker_main(setup, tasks, results) -> None:
 class Progress:
     """A live line: done / failed / running, best validation metric so far, ETA."""
 
-    def __init__(self, total: int, metric: str, stream=sys.stderr):
+    def __init__(
+        self, total: int, metric: str, stream=sys.stderr, costs: Mapping[int, float] | None = None
+    ):
         self.total, self.metric, self.stream = total, metric, stream
         self.done = self.failed = self.running = 0
         self.best: tuple[float, int] | None = None
         self.t0 = time.perf_counter()
         self.tty = stream.isatty()
+        # relative cost of each pending trial (`trial_cost`): trials run longest first, so the
+        # ETA is elapsed time scaled by the cost still to run, not by the count of trials
+        self.costs = dict(costs or {})
+        self.cost_ended = 0.0
 
     def update(self, result: dict) -> None:
         status = result["status"]
         if status == "RUNNING":
             self.running += 1
         else:
+            self.cost_ended += self.costs.get(result.get("index", -1), 0.0)
             self.running = max(0, self.running - 1)
             if status == "FINISHED":
                 self.done += 1
@@ -435,6 +502,9 @@ class Progress:
         ended = self.done + self.failed
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / ended * (self.total - ended) if ended else float("nan")
+        cost_all = sum(self.costs.values())
+        if ended and len(self.costs) == self.total and 0 < self.cost_ended <= cost_all:
+            eta = elapsed / self.cost_ended * (cost_all - self.cost_ended)
         best = f"{self.best[0]:.4f} (trial {self.best[1]})" if self.best else "-"
         line = (
             f"search: {ended}/{self.total} ended ({self.done} finished, {self.failed} failed), "
@@ -450,27 +520,44 @@ class Progress:
         self.stream.flush()
 
 
+def _fork_workers_here() -> bool:
+    """Fork workers from the first one (Linux; MILLVAE_FORK_WORKERS=0 starts each afresh)."""
+    return sys.platform.startswith("linux") and os.environ.get("MILLVAE_FORK_WORKERS", "1") != "0"
+
+
 class WorkerPool:
     """Worker processes, started before the driver's own setup so their imports overlap it.
 
-    Each worker imports TensorFlow and the training code, then waits for `(search, threads)` on the
-    setup queue; `use` hands that to as many workers as there is work for and lets the rest go.
+    The first worker imports TensorFlow and the training code and (on Linux) forks the others;
+    each then waits for `(search, threads)` on the setup queue; `use` hands that to as many
+    workers as there is work for and lets the rest go.
     """
 
     def __init__(self, size: int) -> None:
         import multiprocessing as mp
 
-        self.ctx = mp.get_context("spawn")  # TensorFlow does not survive fork
+        # Started fresh, never forked from the driver: a driver that has run TensorFlow (a
+        # notebook, a test session) has thread pools a fork would copy mid-use.
+        self.ctx = mp.get_context("spawn")
         self.size = size
         self.setup, self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue(), self.ctx.Queue()
-        self.procs = [self._start() for _ in range(size)]
+        # On Linux the first worker forks the others after its imports (`_fork_workers`).
+        forks = size - 1 if _fork_workers_here() else 0
+        self.procs = [self._start(forks)] + [self._start() for _ in range(size - 1 - forks)]
+        self.forked: set[int] = set()  # pids of forked workers, from their STARTED message
         self.job: tuple | None = None
         self._closed = False
 
-    def _start(self):
-        p = self.ctx.Process(target=_worker_main, args=(self.setup, self.tasks, self.results))
+    def _start(self, forks: int = 0):
+        p = self.ctx.Process(
+            target=_worker_main, args=(self.setup, self.tasks, self.results, forks)
+        )
         p.start()
         return p
+
+    def alive(self) -> bool:
+        """Whether any worker is still running."""
+        return any(p.is_alive() for p in self.procs) or any(map(_alive, self.forked))
 
     def use(self, search: Search, n: int) -> int:
         """Put n workers to work on `search` (the CPU divided between them); returns n."""
@@ -492,6 +579,8 @@ class WorkerPool:
             return
         self._closed = True
         if self.job is None:  # never used (the driver failed or found nothing to do)
+            for _ in range(self.size):
+                self.setup.put(None)  # forked workers wait for their job: none is coming
             for p in self.procs:
                 p.terminate()  # still importing or waiting for work: nothing of theirs to save
         for p in self.procs:
@@ -515,7 +604,8 @@ def run_search(
         f"{search.shard}/{search.n_shards}, {len(todo)} to run, parent run {search.parent_id}",
         flush=True,
     )
-    progress = Progress(len(todo), search.metric)
+    costs = {i: trial_cost({**search.trials[i], **search.overrides}) for i in todo}
+    progress = Progress(len(todo), search.metric, costs=costs)
     if pool is not None and (not todo or workers <= 0):
         pool.close()
     if not todo:
@@ -530,20 +620,25 @@ def run_search(
     if pool is None:
         pool = WorkerPool(min(workers, len(todo)))
     tasks, results = pool.tasks, pool.results
-    for i in todo:
+    # Longest first: in index order a large trial drawn late ran alone at the end while the other
+    # workers had nothing left (8 benchmark trials, 2 workers: a worker idle 4.6 s at the end).
+    # Which trials exist and what each does does not depend on the order.
+    for i in sorted(todo, key=lambda i: (-costs[i], i)):
         tasks.put(i)
     n = pool.use(search, min(pool.size, len(todo)))
     for _ in range(n):
         tasks.put(None)
-    procs = pool.procs
     ended = started = 0
     try:
         while ended < len(todo):
             try:
                 r = results.get(timeout=5)
             except Exception:
-                if not any(p.is_alive() for p in procs):
+                if not pool.alive():
                     break  # every worker died; what is left RUNNING is reaped on the next start
+                continue
+            if r["status"] == "STARTED":
+                pool.forked.update(r["pids"])
                 continue
             if r["status"] == "RETIRED":
                 # its end-of-queue marker is still queued; the replacement takes it
@@ -677,29 +772,31 @@ def main(argv: list[str] | None = None) -> int:
     metric = str(args["metric"]).strip()
     if not metric.startswith("val_") and metric not in ("best_val_loss",):
         raise MillvaeError(f"metric: selection uses validation metrics only; got {metric!r}")
-    overrides = {
-        k: args[k]
-        for k in PARAM_NAMES
-        if k not in ("experiment", "seed") and args.get(k) is not None
-    }
-    if args["train_seed"] is not None:
-        overrides["seed"] = args["train_seed"]
-    overrides["experiment"] = args["experiment"]
-    spec = load_space(args["space"])
-    clash = sorted(set(spec) & set(overrides))
-    if clash:
-        raise MillvaeError(f"parameters both searched and fixed: {', '.join(clash)}")
-    trials = sample_trials(spec, n_iter, seed)
-    from millvae.config import make_config
-
-    # overrides are validated once, up front, with defaults standing in for the sampled values
-    make_config(**overrides)
-    search_id = args["search_id"] or default_search_id(spec, n_iter, seed, overrides)
-    recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
     mine = len(shard_indices(n_iter, shard, n_shards))
-    # started before the store is opened: their imports overlap the driver's setup
+    # Started before anything else the driver does (sampling the trials imports scikit-learn and
+    # SciPy, about 1 s; then the store): a worker's imports take about 4 s, and it starts its first
+    # trial when they are done. Bad input found below ends them unused.
     pool = WorkerPool(min(workers, mine)) if workers > 0 and mine else None
     try:
+        overrides = {
+            k: args[k]
+            for k in PARAM_NAMES
+            if k not in ("experiment", "seed") and args.get(k) is not None
+        }
+        if args["train_seed"] is not None:
+            overrides["seed"] = args["train_seed"]
+        overrides["experiment"] = args["experiment"]
+        spec = load_space(args["space"])
+        clash = sorted(set(spec) & set(overrides))
+        if clash:
+            raise MillvaeError(f"parameters both searched and fixed: {', '.join(clash)}")
+        trials = sample_trials(spec, n_iter, seed)
+        from millvae.config import make_config
+
+        # overrides are validated once, up front, with defaults standing in for the sampled values
+        make_config(**overrides)
+        search_id = args["search_id"] or default_search_id(spec, n_iter, seed, overrides)
+        recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
         search = _open_search(
             args["experiment"], search_id, spec, n_iter, seed, overrides, metric, trials,
             shard, n_shards, stale,

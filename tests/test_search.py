@@ -14,7 +14,15 @@ from scipy import stats
 from sklearn.model_selection import ParameterSampler
 
 from millvae.errors import MillvaeError
-from millvae.search import DEFAULT_SPACE, load_space, main, sample_trials, space_from_spec
+from millvae.search import (
+    DEFAULT_SPACE,
+    WorkerPool,
+    load_space,
+    main,
+    sample_trials,
+    space_from_spec,
+    trial_cost,
+)
 
 TINY_SPACE = """
 beta: {uniform: [0.5, 9.0]}
@@ -231,6 +239,15 @@ def test_a_worker_whose_memory_grew_hands_over_to_a_fresh_one(tracking, small_ma
     ]
     assert len(set(pids)) == 2 and pids[0] == pids[1] and pids[2] == pids[3], pids
     assert all(r.data.metrics["worker_rss_mib"] > 0 for r in runs)
+    # one worker slot shows the dispatch order: the largest trials first, ties in index order
+    trials = sample_trials(load_space(_space(tmp_path, 2)), 4, 11)
+    costs = [trial_cost({**t, "epochs": 1}) for t in trials]
+    assert len(set(costs)) > 1, costs  # otherwise the order says nothing
+    started = [
+        int(r.data.tags["millvae.trial_index"])
+        for r in sorted(runs, key=lambda r: r.info.start_time)
+    ]
+    assert started == sorted(range(4), key=lambda i: (-costs[i], i)), (started, costs)
 
 
 def test_workers_started_before_the_driver_fails_do_not_outlive_it(small_mat, tmp_path):
@@ -258,3 +275,42 @@ def test_workers_started_before_the_driver_fails_do_not_outlive_it(small_mat, tm
             ["ps", "-o", "pid,stat,cmd", "-g", str(proc.pid)], capture_output=True, text=True
         ).stdout
         pytest.fail(f"processes outlived the search driver:\n{left}")
+
+
+def test_trial_cost_grows_with_the_model_and_is_zero_for_invalid_trials():
+    base = {"conv_layers": 1, "start_filter_no": 16, "kernel_size": 2, "dilations": "1,2"}
+    c = trial_cost(base)
+    assert c > 0
+    assert trial_cost({**base, "start_filter_no": 64}) > c
+    assert trial_cost({**base, "kernel_size": 8}) > c
+    assert trial_cost({**base, "dilations": "1,2,4,8"}) > c
+    assert trial_cost({**base, "conv_layers": 3}) > c
+    assert trial_cost({**base, "epochs": 20}) > trial_cost({**base, "epochs": 10})
+    assert trial_cost({**base, "conv_layers": 9}) == 0.0  # rejected before training anyway
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux")
+def test_forked_workers_of_an_unused_pool_end_with_it():
+    # the first worker forks the others after its imports; a driver that fails after that must
+    # not leave them waiting for a job for ever
+    pool = WorkerPool(2)
+    try:
+        msg = pool.results.get(timeout=120)
+        assert msg["status"] == "STARTED" and len(msg["pids"]) == 1, msg
+        forked = msg["pids"][0]
+        os.kill(forked, 0)  # running, waiting for its job
+        assert pool.procs[0].pid != forked
+    finally:
+        pool.close()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{forked}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"forked worker {forked} outlived its pool")
+    assert not pool.procs[0].is_alive()
