@@ -397,8 +397,9 @@ def _worker_main(setup, tasks, results, forks: int = 0) -> None:
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     children = _fork_workers(forks, setup, tasks, results) if forks else []
-    _work(setup, tasks, results)
-    _leave(results, children)
+    retired = _work(setup, tasks, results)
+    # A retired worker leaves at once (its memory is why); its forked workers finish on their own.
+    _leave(results, [] if retired else children)
 
 
 def _fork_workers(n: int, setup, tasks, results) -> list:
@@ -426,10 +427,11 @@ def _forked_worker(setup, tasks, results) -> None:
     _leave(results, [])
 
 
-def _work(setup, tasks, results) -> None:
+def _work(setup, tasks, results) -> bool:
+    """Run trials until the queue says stop; True where this worker retired (memory growth)."""
     job = setup.get()
     if job is None:  # the driver found less to do than workers started
-        return
+        return False
     search, threads = job
     _configure_threads(threads)
     from millvae.runtime import configure_threads
@@ -451,7 +453,8 @@ def _work(setup, tasks, results) -> None:
             # A guard: trials no longer grow a worker (Keras' Adam left ~80 MiB of graph state
             # per fit; FusedAdam does not), but anything that does is capped by a fresh worker.
             results.put({"status": "RETIRED", "pid": os.getpid(), "rss_mib": rss})
-            break
+            return True
+    return False
 
 
 def _leave(results, children: list) -> None:

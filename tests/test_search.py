@@ -147,6 +147,11 @@ def test_failed_trials_do_not_stop_the_search_and_resume_skips_finished(
 
 
 def _search_proc(tmp_path, small_mat, search_id, workers, n_iter, patience, epochs, env=None):
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "MLFLOW_TRACKING_URI" not in (env or {}) and uri.startswith("sqlite:"):
+        # The store's tables first: a test that reads the store while the search creates it runs
+        # MLflow's migrations in two processes at once, and one of them fails.
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
     env = {**os.environ, **(env or {})}
     cmd = [
         sys.executable,
@@ -193,6 +198,8 @@ def test_a_search_killed_mid_trial_resumes_with_every_trial_finished_once(
     deadline = time.time() + 480
     try:
         while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
             running = [r for r in _children("k1") if r.info.status == "RUNNING"]
             if running and mlflow.MlflowClient().get_metric_history(running[0].info.run_id, "loss"):
                 break
@@ -248,6 +255,20 @@ def test_a_worker_whose_memory_grew_hands_over_to_a_fresh_one(tracking, small_ma
         for r in sorted(runs, key=lambda r: r.info.start_time)
     ]
     assert started == sorted(range(4), key=lambda i: (-costs[i], i)), (started, costs)
+
+
+@pytest.mark.slow
+def test_retiring_workers_with_forked_workers_finish_every_trial_once(
+    tracking, small_mat, tmp_path
+):
+    # two worker slots (on Linux the second is forked from the first): each retires after its
+    # second trial and a fresh one takes its place, the first without waiting for its fork
+    proc = _search_proc(tmp_path, small_mat, "r2", 2, 6, 2, 1, env={"MILLVAE_RECYCLE_MIB": "-1e9"})
+    out = _finish(proc, 900)
+    assert proc.returncode == 0, out[-3000:]
+    runs = _finished_once("r2", 6)
+    assert len(runs) == 6
+    assert len({r.data.tags["millvae.worker_pid"] for r in runs}) >= 3
 
 
 def test_workers_started_before_the_driver_fails_do_not_outlive_it(small_mat, tmp_path):
