@@ -378,7 +378,7 @@ def _configure_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _worker_main(setup, tasks, results, forks: int = 0) -> None:
+def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver's run is not ours to continue
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -396,13 +396,13 @@ def _worker_main(setup, tasks, results, forks: int = 0) -> None:
     preload()
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    children = _fork_workers(forks, setup, tasks, results) if forks else []
-    retired = _work(setup, tasks, results)
+    children = _fork_workers(forks, setup, tasks, results, finished) if forks else []
+    retired = _work(setup, tasks, results, finished)
     # A retired worker leaves at once (its memory is why); its forked workers finish on their own.
     _leave(results, [] if retired else children)
 
 
-def _fork_workers(n: int, setup, tasks, results) -> list:
+def _fork_workers(n: int, setup, tasks, results, finished) -> list:
     """n more workers, forked from this one once its imports are done.
 
     Each worker used to import TensorFlow and the training code itself, side by side with the
@@ -414,7 +414,9 @@ def _fork_workers(n: int, setup, tasks, results) -> list:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    kids = [ctx.Process(target=_forked_worker, args=(setup, tasks, results)) for _ in range(n)]
+    kids = [
+        ctx.Process(target=_forked_worker, args=(setup, tasks, results, finished)) for _ in range(n)
+    ]
     for p in kids:
         p.start()
     # before any trial: the driver watches these pids to know when every worker is gone
@@ -422,13 +424,19 @@ def _fork_workers(n: int, setup, tasks, results) -> list:
     return kids
 
 
-def _forked_worker(setup, tasks, results) -> None:
-    _work(setup, tasks, results)
+def _forked_worker(setup, tasks, results, finished) -> None:
+    _work(setup, tasks, results, finished)
     _leave(results, [])
 
 
-def _work(setup, tasks, results) -> bool:
-    """Run trials until the queue says stop; True where this worker retired (memory growth)."""
+def _work(setup, tasks, results, finished) -> bool:
+    """Run trials until the driver says stop; True where this worker retired (memory growth).
+
+    An empty queue is not the end: a trial whose worker died goes back on it (see `run_search`).
+    The driver puts one None per worker, or sets `finished`, once nothing more will come.
+    """
+    import queue
+
     job = setup.get()
     if job is None:  # the driver found less to do than workers started
         return False
@@ -441,11 +449,16 @@ def _work(setup, tasks, results) -> bool:
     limit = recycle_mib()
     baseline = None
     while True:
-        index = tasks.get()
+        try:
+            index = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if finished.is_set():
+                break
+            continue
         if index is None:
             break
         results.put({"index": index, "status": "RUNNING", "pid": os.getpid()})
-        results.put(run_trial(search, index, cache))
+        results.put({**run_trial(search, index, cache), "pid": os.getpid()})
         rss = _rss_mib()
         if baseline is None:
             baseline = rss  # after the first trial: TensorFlow, the data and one model in place
@@ -489,6 +502,8 @@ class Progress:
         status = result["status"]
         if status == "RUNNING":
             self.running += 1
+        elif status == "RETRY":  # its worker died; the trial is queued again
+            self.running = max(0, self.running - 1)
         else:
             self.cost_ended += self.costs.get(result.get("index", -1), 0.0)
             self.running = max(0, self.running - 1)
@@ -516,11 +531,16 @@ class Progress:
         )
         if last and last.get("status") == "FAILED":
             line += f" | trial {last['index']} failed: {last.get('error', '')[:80]}"
+        if last and last.get("status") == "RETRY":
+            line += f" | trial {last['index']}: worker {last['pid']} died, trial queued again"
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if final else ""))
         elif not final and last is not None and last.get("status") != "RUNNING":
             self.stream.write(line + "\n")  # logs get one line per ended trial
         self.stream.flush()
+
+
+_DIED = "its worker process (pid {pid}) died twice running it (killed, or out of memory?)"
 
 
 def _fork_workers_here() -> bool:
@@ -544,6 +564,7 @@ class WorkerPool:
         self.ctx = mp.get_context("spawn")
         self.size = size
         self.setup, self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue(), self.ctx.Queue()
+        self.finished = self.ctx.Event()  # no more trials will be queued
         # On Linux the first worker forks the others after its imports (`_fork_workers`).
         forks = size - 1 if _fork_workers_here() else 0
         self.procs = [self._start(forks)] + [self._start() for _ in range(size - 1 - forks)]
@@ -553,7 +574,8 @@ class WorkerPool:
 
     def _start(self, forks: int = 0):
         p = self.ctx.Process(
-            target=_worker_main, args=(self.setup, self.tasks, self.results, forks)
+            target=_worker_main,
+            args=(self.setup, self.tasks, self.results, self.finished, forks),
         )
         p.start()
         return p
@@ -573,7 +595,7 @@ class WorkerPool:
         return n
 
     def replace_one(self) -> None:
-        """A fresh worker for one that retired (see MILLVAE_RECYCLE_MIB)."""
+        """A fresh worker for one that retired (see MILLVAE_RECYCLE_MIB) or died."""
         self.procs.append(self._start())
         self.setup.put(self.job)
 
@@ -581,6 +603,7 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        self.finished.set()
         if self.job is None:  # never used (the driver failed or found nothing to do)
             for _ in range(self.size):
                 self.setup.put(None)  # forked workers wait for their job: none is coming
@@ -628,35 +651,67 @@ def run_search(
     # Which trials exist and what each does does not depend on the order.
     for i in sorted(todo, key=lambda i: (-costs[i], i)):
         tasks.put(i)
-    n = pool.use(search, min(pool.size, len(todo)))
-    for _ in range(n):
-        tasks.put(None)
-    ended = started = 0
+    pool.use(search, min(pool.size, len(todo)))
+    ended = 0
+    busy: dict[int, int] = {}  # worker pid -> the trial it runs
+    retried: set[int] = set()
     try:
         while ended < len(todo):
             try:
-                r = results.get(timeout=5)
+                r = results.get(timeout=2)
             except Exception:
-                if not pool.alive():
-                    break  # every worker died; what is left RUNNING is reaped on the next start
-                continue
+                r = None
+            if r is None or r["status"] == "RUNNING":
+                # A worker killed mid-trial (SIGKILL, the kernel's OOM killer) never reports back:
+                # its run becomes KILLED and the trial goes back on the queue, once.
+                for pid in [p for p in busy if not _alive(p)]:
+                    index = busy.pop(pid)
+                    outcome = _worker_died(client, search, pid, index, retried)
+                    progress.update(outcome)
+                    if outcome["status"] != "RETRY":
+                        ended += 1
+                        continue
+                    tasks.put(index)
+                    if not pool.alive():
+                        pool.replace_one()
+                if r is None:
+                    if not pool.alive() and not busy:
+                        break  # every worker died; what is left RUNNING is reaped on the next start
+                    continue
             if r["status"] == "STARTED":
                 pool.forked.update(r["pids"])
                 continue
             if r["status"] == "RETIRED":
-                # its end-of-queue marker is still queued; the replacement takes it
-                if started < len(todo):
+                if ended + len(busy) < len(todo):
                     pool.replace_one()
                 continue
-            progress.update(r)
             if r["status"] == "RUNNING":
-                started += 1
+                busy[r["pid"]] = r["index"]
             else:
+                busy.pop(r.get("pid", -1), None)
                 ended += 1
+            progress.update(r)
     finally:
+        pool.finished.set()
+        for _ in range(pool.size + 1):
+            tasks.put(None)  # workers waiting on the queue leave now, not at their next poll
         pool.close()
     progress.show(final=True)
     return progress
+
+
+def _worker_died(client, search: Search, pid: int, index: int, retried: set[int]) -> dict:
+    """What becomes of trial `index` whose worker `pid` died: RETRY (once), else FAILED; FINISHED
+    where its run had ended before the worker died (its result was lost, not its run)."""
+    reap_dead_trials(client, search)  # its run, if it made one, is KILLED now
+    runs = [r for r in _children(client, search) if r.data.tags.get(TRIAL_TAG) == str(index)]
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    if done:
+        return {"index": index, "status": "FINISHED", "run_id": done[0].info.run_id}
+    if index in retried:
+        return {"index": index, "status": "FAILED", "error": _DIED.format(pid=pid)}
+    retried.add(index)
+    return {"index": index, "status": "RETRY", "pid": pid}
 
 
 def summarize(search: Search, top: int = 10) -> dict:

@@ -219,6 +219,38 @@ def test_a_search_killed_mid_trial_resumes_with_every_trial_finished_once(
 
 
 @pytest.mark.slow
+def test_a_worker_killed_mid_trial_has_its_trial_retried_in_the_same_search(
+    tracking, small_mat, tmp_path
+):
+    proc = _search_proc(tmp_path, small_mat, "kw", 2, 3, 50, 40)
+    deadline = time.time() + 480
+    victim = None
+    try:
+        while time.time() < deadline and victim is None:
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
+            for r in _children("kw"):
+                hist = mlflow.MlflowClient().get_metric_history(r.info.run_id, "loss")
+                if r.info.status == "RUNNING" and hist:
+                    victim = r
+                    break
+            time.sleep(0.5)
+        assert victim is not None, "no trial started training in time"
+        os.kill(int(victim.data.tags["millvae.worker_pid"]), signal.SIGKILL)  # the worker only
+        out = _finish(proc, 600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "died, trial queued again" in out
+    runs = _finished_once("kw", 3)
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert [r.info.run_id for r in killed] == [victim.info.run_id]
+    assert len(runs) == 4  # three FINISHED, one KILLED: the retry is a new run of the same trial
+
+
+@pytest.mark.slow
 def test_four_workers_on_the_default_sqlite_store(tracking, small_mat, tmp_path):
     proc = _search_proc(tmp_path, small_mat, "w4", 4, 8, 2, 2)
     out = _finish(proc, 900)
