@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -378,7 +379,19 @@ def _configure_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+_IN_TRIAL = False  # whether this worker is inside a trial (see `_on_sigterm`)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (the driver stopping its workers, a scheduler): a trial in progress unwinds like
+    Ctrl-C, so its run ends KILLED rather than RUNNING; otherwise the worker just leaves."""
+    if _IN_TRIAL:
+        raise KeyboardInterrupt(f"signal {signum}")
+    os._exit(128 + signum)
+
+
 def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)  # inherited by the workers forked from this one
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver's run is not ours to continue
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -397,7 +410,10 @@ def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     children = _fork_workers(forks, setup, tasks, results, finished) if forks else []
-    retired = _work(setup, tasks, results, finished)
+    try:
+        retired = _work(setup, tasks, results, finished)
+    except KeyboardInterrupt:  # stopped mid-trial: its run already ended KILLED
+        _leave(results, [], interrupted=True)
     # A retired worker leaves at once (its memory is why); its forked workers finish on their own.
     _leave(results, [] if retired else children)
 
@@ -425,7 +441,10 @@ def _fork_workers(n: int, setup, tasks, results, finished) -> list:
 
 
 def _forked_worker(setup, tasks, results, finished) -> None:
-    _work(setup, tasks, results, finished)
+    try:
+        _work(setup, tasks, results, finished)
+    except KeyboardInterrupt:
+        _leave(results, [], interrupted=True)
     _leave(results, [])
 
 
@@ -437,7 +456,17 @@ def _work(setup, tasks, results, finished) -> bool:
     """
     import queue
 
-    job = setup.get()
+    global _IN_TRIAL
+
+    while True:
+        # polled, not a blocking get: a worker stopped while it waited here can leave the queue's
+        # lock held, and the others must still see that the driver is done
+        try:
+            job = setup.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if finished.is_set():
+                return False
     if job is None:  # the driver found less to do than workers started
         return False
     search, threads = job
@@ -458,7 +487,12 @@ def _work(setup, tasks, results, finished) -> bool:
         if index is None:
             break
         results.put({"index": index, "status": "RUNNING", "pid": os.getpid()})
-        results.put({**run_trial(search, index, cache), "pid": os.getpid()})
+        _IN_TRIAL = True
+        try:
+            result = run_trial(search, index, cache)
+        finally:
+            _IN_TRIAL = False
+        results.put({**result, "pid": os.getpid()})
         rss = _rss_mib()
         if baseline is None:
             baseline = rss  # after the first trial: TensorFlow, the data and one model in place
@@ -470,16 +504,20 @@ def _work(setup, tasks, results, finished) -> bool:
     return False
 
 
-def _leave(results, children: list) -> None:
+def _leave(results, children: list, interrupted: bool = False) -> None:
     # Every run this worker started has ended and its results are queued: flush them, then leave
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
+    # Stopped, it does not wait on a driver that may no longer read the queue.
+    if interrupted:
+        results.cancel_join_thread()
     results.close()
-    results.join_thread()
+    if not interrupted:
+        results.join_thread()
     for p in children:  # workers forked from this one are waited for by it
         p.join()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(130 if interrupted else 0)
 
 
 class Progress:
@@ -599,7 +637,9 @@ class WorkerPool:
         self.procs.append(self._start())
         self.setup.put(self.job)
 
-    def close(self) -> None:
+    def close(self, grace: float = 30.0) -> None:
+        """Let the workers finish what they run for up to `grace` seconds, then stop them with
+        SIGTERM (a trial in progress ends KILLED) and, 10 s later, SIGKILL."""
         if self._closed:
             return
         self._closed = True
@@ -607,12 +647,25 @@ class WorkerPool:
         if self.job is None:  # never used (the driver failed or found nothing to do)
             for _ in range(self.size):
                 self.setup.put(None)  # forked workers wait for their job: none is coming
-            for p in self.procs:
-                p.terminate()  # still importing or waiting for work: nothing of theirs to save
+            grace = 0.0  # still importing or waiting for work: nothing of theirs to save
+        self._wait(time.monotonic() + grace)
+        self._signal(signal.SIGTERM)
+        self._wait(time.monotonic() + 10)
+        self._signal(signal.SIGKILL)
+
+    def _wait(self, deadline: float) -> None:
         for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        while any(map(_alive, self.forked)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _signal(self, sig: int) -> None:
+        pids = [p.pid for p in self.procs if p.is_alive()] + list(filter(_alive, self.forked))
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def run_search(
@@ -691,6 +744,9 @@ def run_search(
                 busy.pop(r.get("pid", -1), None)
                 ended += 1
             progress.update(r)
+    except BaseException:
+        pool.close(grace=0)  # interrupted: the trials in progress end KILLED now
+        raise
     finally:
         pool.finished.set()
         for _ in range(pool.size + 1):

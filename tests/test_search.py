@@ -251,6 +251,47 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_in_the_same_search(
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_driver_ends_the_trials_in_progress_killed_and_every_process(
+    tracking, small_mat, tmp_path
+):
+    proc = _search_proc(tmp_path, small_mat, "st", 2, 2, 50, 400)
+    deadline = time.time() + 480
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
+            client = mlflow.MlflowClient()
+            running = [r for r in _children("st") if r.info.status == "RUNNING"]
+            if len(running) == 2 and all(
+                client.get_metric_history(r.info.run_id, "loss") for r in running
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("two trials did not start training in time")
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)  # a scheduler stopping the job: the driver only
+        out = _finish(proc, 120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "millvae: interrupted" in out, out[-3000:]
+    assert time.time() - t0 < 30  # not the 30 s grace of a search that ends normally
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("workers outlived the stopped driver")
+    statuses = sorted(r.info.status for r in _children("st"))
+    assert statuses == ["KILLED", "KILLED"], statuses
+
+
+@pytest.mark.slow
 def test_four_workers_on_the_default_sqlite_store(tracking, small_mat, tmp_path):
     proc = _search_proc(tmp_path, small_mat, "w4", 4, 8, 2, 2)
     out = _finish(proc, 900)
