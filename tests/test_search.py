@@ -190,22 +190,43 @@ def _finish(proc, timeout):
     return proc.log.read()
 
 
+def _training(proc, search_id, n=1, timeout=480):
+    """Wait until n trials of the search are RUNNING with a logged loss; those runs."""
+    deadline = time.time() + timeout
+    client = mlflow.MlflowClient()
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
+        running = [r for r in _children(search_id) if r.info.status == "RUNNING"]
+        training = [r for r in running if client.get_metric_history(r.info.run_id, "loss")]
+        if len(training) >= n:
+            return training
+        time.sleep(0.5)
+    pytest.fail(f"{n} trial(s) did not start training in time")
+
+
+def _group_gone(proc, seconds=15):
+    """Fail unless nothing is left in the search's process group within `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    left = subprocess.run(
+        ["ps", "-o", "pid,stat,cmd", "-g", str(proc.pid)], capture_output=True, text=True
+    ).stdout
+    pytest.fail(f"processes outlived the search driver:\n{left}")
+
+
 @pytest.mark.slow
 def test_a_search_killed_mid_trial_resumes_with_every_trial_finished_once(
     tracking, small_mat, tmp_path
 ):
     proc = _search_proc(tmp_path, small_mat, "k1", 1, 2, 50, 40)
-    deadline = time.time() + 480
     try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
-            running = [r for r in _children("k1") if r.info.status == "RUNNING"]
-            if running and mlflow.MlflowClient().get_metric_history(running[0].info.run_id, "loss"):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("no trial started training in time")
+        _training(proc, "k1")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker, no cleanup possible
         proc.wait()
@@ -223,19 +244,8 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_in_the_same_search(
     tracking, small_mat, tmp_path
 ):
     proc = _search_proc(tmp_path, small_mat, "kw", 2, 3, 50, 40)
-    deadline = time.time() + 480
-    victim = None
     try:
-        while time.time() < deadline and victim is None:
-            if proc.poll() is not None:
-                pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
-            for r in _children("kw"):
-                hist = mlflow.MlflowClient().get_metric_history(r.info.run_id, "loss")
-                if r.info.status == "RUNNING" and hist:
-                    victim = r
-                    break
-            time.sleep(0.5)
-        assert victim is not None, "no trial started training in time"
+        victim = _training(proc, "kw")[0]
         os.kill(int(victim.data.tags["millvae.worker_pid"]), signal.SIGKILL)  # the worker only
         out = _finish(proc, 600)
     finally:
@@ -255,20 +265,8 @@ def test_sigterm_to_the_driver_ends_the_trials_in_progress_killed_and_every_proc
     tracking, small_mat, tmp_path
 ):
     proc = _search_proc(tmp_path, small_mat, "st", 2, 2, 50, 400)
-    deadline = time.time() + 480
     try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the search ended before training: {_finish(proc, 1)[-3000:]}")
-            client = mlflow.MlflowClient()
-            running = [r for r in _children("st") if r.info.status == "RUNNING"]
-            if len(running) == 2 and all(
-                client.get_metric_history(r.info.run_id, "loss") for r in running
-            ):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("two trials did not start training in time")
+        _training(proc, "st", n=2)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)  # a scheduler stopping the job: the driver only
         out = _finish(proc, 120)
@@ -278,15 +276,7 @@ def test_sigterm_to_the_driver_ends_the_trials_in_progress_killed_and_every_proc
             proc.wait()
     assert proc.returncode == 130 and "millvae: interrupted" in out, out[-3000:]
     assert time.time() - t0 < 30  # not the 30 s grace of a search that ends normally
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("workers outlived the stopped driver")
+    _group_gone(proc)
     statuses = sorted(r.info.status for r in _children("st"))
     assert statuses == ["KILLED", "KILLED"], statuses
 
@@ -357,18 +347,7 @@ def test_workers_started_before_the_driver_fails_do_not_outlive_it(small_mat, tm
     assert proc.returncode != 0, out[-3000:]
     assert "millvae: error:" in out
     assert time.time() - t0 < 120
-    deadline = time.time() + 15  # the queues' helper processes exit once the driver is gone
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break  # nothing left in the driver's process group
-        time.sleep(0.5)
-    else:
-        left = subprocess.run(
-            ["ps", "-o", "pid,stat,cmd", "-g", str(proc.pid)], capture_output=True, text=True
-        ).stdout
-        pytest.fail(f"processes outlived the search driver:\n{left}")
+    _group_gone(proc)  # the queues' helper processes exit once the driver is gone
 
 
 def test_trial_cost_grows_with_the_model_and_is_zero_for_invalid_trials():
