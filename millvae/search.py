@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from millvae.config import PARAM_HELP, PARAM_NAMES, PREP_PARAMS
 from millvae.errors import MillvaeError
@@ -414,8 +415,9 @@ def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
         retired = _work(setup, tasks, results, finished)
     except KeyboardInterrupt:  # stopped mid-trial: its run already ended KILLED
         _leave(results, [], interrupted=True)
-    # A retired worker leaves at once (its memory is why); its forked workers finish on their own.
-    _leave(results, [] if retired else children)
+    else:
+        # A retired worker leaves at once (its memory is why); its forked workers finish alone.
+        _leave(results, [] if retired else children)
 
 
 def _fork_workers(n: int, setup, tasks, results, finished) -> list:
@@ -445,7 +447,8 @@ def _forked_worker(setup, tasks, results, finished) -> None:
         _work(setup, tasks, results, finished)
     except KeyboardInterrupt:
         _leave(results, [], interrupted=True)
-    _leave(results, [])
+    else:
+        _leave(results, [])
 
 
 def _work(setup, tasks, results, finished) -> bool:
@@ -504,7 +507,7 @@ def _work(setup, tasks, results, finished) -> bool:
     return False
 
 
-def _leave(results, children: list, interrupted: bool = False) -> None:
+def _leave(results, children: list, interrupted: bool = False) -> NoReturn:
     # Every run this worker started has ended and its results are queued: flush them, then leave
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
     # Stopped, it does not wait on a driver that may no longer read the queue.
@@ -644,6 +647,8 @@ class WorkerPool:
             return
         self._closed = True
         self.finished.set()
+        for _ in range(len(self.procs) + len(self.forked)):
+            self.tasks.put(None)  # workers waiting on the queue leave now, not at their next poll
         if self.job is None:  # never used (the driver failed or found nothing to do)
             for _ in range(self.size):
                 self.setup.put(None)  # forked workers wait for their job: none is coming
@@ -747,11 +752,7 @@ def run_search(
     except BaseException:
         pool.close(grace=0)  # interrupted: the trials in progress end KILLED now
         raise
-    finally:
-        pool.finished.set()
-        for _ in range(pool.size + 1):
-            tasks.put(None)  # workers waiting on the queue leave now, not at their next poll
-        pool.close()
+    pool.close()
     progress.show(final=True)
     return progress
 
