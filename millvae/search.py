@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -411,13 +411,7 @@ def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     children = _fork_workers(forks, setup, tasks, results, finished) if forks else []
-    try:
-        retired = _work(setup, tasks, results, finished)
-    except KeyboardInterrupt:  # stopped mid-trial: its run already ended KILLED
-        _leave(results, [], interrupted=True)
-    else:
-        # A retired worker leaves at once (its memory is why); its forked workers finish alone.
-        _leave(results, [] if retired else children)
+    _serve(setup, tasks, results, finished, children)
 
 
 def _fork_workers(n: int, setup, tasks, results, finished) -> list:
@@ -432,9 +426,7 @@ def _fork_workers(n: int, setup, tasks, results, finished) -> list:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    kids = [
-        ctx.Process(target=_forked_worker, args=(setup, tasks, results, finished)) for _ in range(n)
-    ]
+    kids = [ctx.Process(target=_serve, args=(setup, tasks, results, finished)) for _ in range(n)]
     for p in kids:
         p.start()
     # before any trial: the driver watches these pids to know when every worker is gone
@@ -442,13 +434,14 @@ def _fork_workers(n: int, setup, tasks, results, finished) -> list:
     return kids
 
 
-def _forked_worker(setup, tasks, results, finished) -> None:
+def _serve(setup, tasks, results, finished, children: Sequence = ()) -> NoReturn:
+    """Run trials (`_work`), then leave; `children`: workers forked from this one, waited for."""
     try:
-        _work(setup, tasks, results, finished)
-    except KeyboardInterrupt:
+        retired = _work(setup, tasks, results, finished)
+    except KeyboardInterrupt:  # stopped mid-trial: its run already ended KILLED
         _leave(results, [], interrupted=True)
-    else:
-        _leave(results, [])
+    # A retired worker leaves at once (its memory is why); its forked workers finish alone.
+    _leave(results, [] if retired else children)
 
 
 def _work(setup, tasks, results, finished) -> bool:
@@ -507,7 +500,7 @@ def _work(setup, tasks, results, finished) -> bool:
     return False
 
 
-def _leave(results, children: list, interrupted: bool = False) -> NoReturn:
+def _leave(results, children: Sequence, interrupted: bool = False) -> NoReturn:
     # Every run this worker started has ended and its results are queued: flush them, then leave
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
     # Stopped, it does not wait on a driver that may no longer read the queue.
