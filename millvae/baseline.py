@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PREP_PARAMS, make_config
-from millvae.errors import MillvaeError
+from millvae.errors import ArgParser, MillvaeError
 
 BASELINE_SCORES = ("pca", "iforest", "pca_cond", "iforest_cond")
 # the TrainConfig fields that shape data preparation and evaluation (the rest describe the VAE)
@@ -99,9 +99,7 @@ def run_baseline(cfg, pca_variance: float = 0.95, n_estimators: int = 200) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from millvae.cli import _Parser
-
-    p = _Parser(prog="millvae baseline", description="PCA and Isolation Forest baselines.")
+    p = ArgParser(prog="millvae baseline", description="PCA and Isolation Forest baselines.")
     for name in SHARED_PARAMS:
         p.add_argument(f"--{name}", default=PARAM_DEFAULTS[name], help=PARAM_HELP[name])
     p.add_argument("--pca_variance", default="0.95", help="explained variance kept by the PCA")

@@ -11,12 +11,8 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
+from millvae.errors import ArgParser as _Parser  # search.py imports it from here
 from millvae.errors import MillvaeError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not a usage dump
-        raise MillvaeError(f"{self.prog}: {message}")
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -7,13 +7,12 @@ onto the version as tags so the registry shows them, nothing more.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 from dataclasses import dataclass, field
 
-from millvae.errors import MillvaeError
+from millvae.errors import ArgParser, MillvaeError
 
 DEFAULTS = {
     "experiment": "millvae",
@@ -405,13 +404,8 @@ def register_best(
     )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not a usage dump
-        raise MillvaeError(f"{self.prog}: {message}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def _parser() -> ArgParser:
+    p = ArgParser(
         prog="millvae register",
         description="Register the best FINISHED run (by a validation metric) as a model version.",
     )

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
-from millvae.errors import MillvaeError
+from millvae.errors import ArgParser, MillvaeError
 
 _MAIN = ("val_ap", "test_ap", "test_rocauc", "test_prauc", "test_f1", "test_cut_ap")
 SUMMARY_METRICS = (
@@ -105,9 +105,7 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
 
 
 def main(argv: list[str] | None = None) -> int:
-    from millvae.cli import _Parser
-
-    p = _Parser(prog="millvae repeat", description="One configuration over several split seeds.")
+    p = ArgParser(prog="millvae repeat", description="One configuration over several split seeds.")
     for name in PARAM_NAMES:
         default = "case" if name == "split" else PARAM_DEFAULTS[name]
         p.add_argument(f"--{name}", default=default, help=PARAM_HELP[name])

@@ -7,7 +7,6 @@ cache folder; ``main`` is the ``millvae download`` subcommand.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import http.client
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from millvae.errors import MillvaeError
+from millvae.errors import ArgParser, MillvaeError
 
 try:  # POSIX only; without it concurrent callers may duplicate work but never see a partial file
     import fcntl
@@ -498,7 +497,7 @@ def resolve_data(data: str, *, synthetic_seed: int = 0) -> DataFile:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``millvae download``: fetch the NASA milling data into the cache and print its path."""
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog="millvae download",
         description="Download the UC Berkeley milling data (NASA archive), verify it, and cache "
         f"{MAT_NAME}. Prints the path of the cached file.",
