@@ -80,7 +80,7 @@ def tracked_run(
     existing = os.environ.get("MLFLOW_RUN_ID")
     if experiment_id is not None:
         # a search trial: always a new run in the search's experiment, never the driver's run
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        run = _start_new_run(experiment_id, run_name, tags)
     elif existing and not nested:
         run = mlflow.start_run(run_id=existing)
         exp = mlflow.get_experiment(run.info.experiment_id)
@@ -94,14 +94,9 @@ def tracked_run(
     elif nested and mlflow.active_run() is not None:
         # children live beside their parent, wherever `mlflow run` put it
         parent = mlflow.active_run()
-        run = mlflow.start_run(
-            experiment_id=parent.info.experiment_id, run_name=run_name, nested=True, tags=tags
-        )
+        run = _start_new_run(parent.info.experiment_id, run_name, tags, parent.info.run_id)
     else:
-        exp = mlflow.set_experiment(cfg.experiment)
-        run = mlflow.start_run(
-            experiment_id=exp.experiment_id, run_name=run_name, nested=nested, tags=tags
-        )
+        run = _start_new_run(mlflow.set_experiment(cfg.experiment).experiment_id, run_name, tags)
     try:
         if _GENERATED_NAME.match(run.info.run_name or ""):
             mlflow.set_tag("mlflow.runName", run_name)
@@ -116,6 +111,25 @@ def tracked_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _start_new_run(
+    experiment_id: str, run_name: str, tags: dict | None, parent_id: str | None = None
+):
+    """A new run, created explicitly and then made active.
+
+    `mlflow.start_run()` without a run id picks up MLFLOW_RUN_ID, which `mlflow run` sets to the
+    entry point's own run: under `mlflow run -e repeat` the first "child" was the parent itself.
+    """
+    import mlflow
+    from mlflow.tracking.context.registry import resolve_tags
+
+    all_tags = {**(tags or {}), "mlflow.runName": run_name}
+    if parent_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_id
+    # the source/user/git tags start_run would add
+    created = mlflow.MlflowClient().create_run(experiment_id, tags=resolve_tags(all_tags))
+    return mlflow.start_run(run_id=created.info.run_id, nested=parent_id is not None)
 
 
 def log_params_once(cfg: TrainConfig) -> None:

@@ -83,3 +83,41 @@ def test_mlflow_run_with_a_bad_parameter_fails_fast_and_leaves_no_running_run(tr
     assert "millvae: error: beta: expected a number >= 0; got -2" in out.stderr
     runs = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_mlflow_run_repeat_makes_one_child_per_seed_and_trains_none_into_the_parent(
+    tracking, synthetic_mat, tmp_path
+):
+    cmd_params = [
+        f"data={synthetic_mat}",
+        "split_seeds=0,1,2",
+        "epochs=2",
+        "codings_size=4",
+        "start_filter_no=8",
+        "dilations=1,2",
+        "bootstrap=10",
+    ]
+    env_entry = ["-e", "repeat"]
+    env = os.environ.copy()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
+    cmd += ["--experiment-name", "millvae", *env_entry]
+    for p in cmd_params:
+        cmd += ["-P", p]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.data.tags.get("mlflow.runName") for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.params["split_seed"] for c in children) == ["0", "1", "2"]
+    assert len(runs) == 4
+    assert parent.data.tags["model_type"] == "repeat"
+    # the parent holds the summary, not a training of its own
+    assert (
+        "best_val_loss" not in parent.data.metrics and "mean_best_val_loss" in parent.data.metrics
+    )
+    assert all(c.data.tags["model_type"] == "beta_vae" for c in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
