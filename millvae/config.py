@@ -22,6 +22,17 @@ SPLITS = ("window", "case", "cut")
 POSITIVES = ("failed", "worn")
 THRESHOLD_METHODS = ("f1", "percentile")
 LR_SCHEDULES = ("constant", "onecycle")
+# Upper bounds: no single parameter may exhaust the machine or overflow what consumes it. Sizes
+# beyond them are refused; within them `check_memory` has the last word.
+MAX_CODINGS = 4096
+MAX_FILTERS = 1024
+MAX_WINDOW = 9000  # samples per record of mill.mat: no window or stride can be longer
+MAX_DILATIONS = 16
+MAX_BATCH = 65536
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1  # NumPy's and TensorFlow's seeds are 32-bit
+MAX_SCORE_SAMPLES = 100
+MAX_BOOTSTRAP = 100_000
 
 
 def _p(default: Any, help: str) -> Any:
@@ -50,7 +61,7 @@ class TrainConfig:
     seed: int = _p(31, "random seed of weights, sampling and shuffling")
     data: str = _p("auto", "a mill.mat path, or auto | nasa | synthetic")
     signals: str = _p("all", "comma-separated signals, 'all' (the six) or 'available'")
-    labels: str = _p("", "labels CSV in the seed's format (stable regions); empty = detect")
+    labels: str = _p("", "labels CSV (seed format) | seed (the seed's, fetched) | empty = detect")
     window_size: int = _p(64, "samples per window; divisible by 2**conv_layers")
     stride: int = _p(64, "samples between window starts")
     split: str = _p("window", "window (seed protocol, leaks) | case (leak-free) | cut")
@@ -63,6 +74,9 @@ class TrainConfig:
     score_samples: int = _p(0, "0: decode the mean coding; K: average K sampled reconstructions")
     bootstrap: int = _p(1000, "bootstrap resamples (over cuts) of the test AP interval; 0 = none")
     experiment: str = _p("millvae", "MLflow experiment name")
+    max_memory_gb: float = _p(
+        0.0, "refuse a configuration whose estimated memory exceeds this; 0 = this machine's"
+    )
 
     @property
     def dilations_str(self) -> str:
@@ -197,6 +211,7 @@ def make_config(**raw: Any) -> TrainConfig:
         score_samples=_int("score_samples", d["score_samples"]),
         bootstrap=_int("bootstrap", d["bootstrap"]),
         experiment=str(d["experiment"]).strip(),
+        max_memory_gb=_float("max_memory_gb", d["max_memory_gb"]),
     )
     validate(cfg)
     return cfg
@@ -209,22 +224,22 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise MillvaeError(msg)
 
+    def in_range(name: str, value: int, low: int, high: int, high_name: str = "") -> None:
+        top = f"{high_name} ({high})" if high_name else f"{high}"
+        need(low <= value <= high, f"{name}: expected {low} <= {name} <= {top}; got {value}")
+
     need(cfg.beta >= 0, f"beta: expected a number >= 0; got {cfg.beta:g}")
-    need(cfg.codings_size >= 1, f"codings_size: expected >= 1; got {cfg.codings_size}")
+    in_range("codings_size", cfg.codings_size, 1, MAX_CODINGS)
     need(1 <= cfg.conv_layers <= 6, f"conv_layers: expected 1..6; got {cfg.conv_layers}")
-    need(cfg.start_filter_no >= 1, f"start_filter_no: expected >= 1; got {cfg.start_filter_no}")
-    need(cfg.kernel_size >= 1, f"kernel_size: expected >= 1; got {cfg.kernel_size}")
+    in_range("start_filter_no", cfg.start_filter_no, 1, MAX_FILTERS)
     need(
         cfg.final_activation in FINAL_ACTIVATIONS,
         f"final_activation: expected one of {', '.join(FINAL_ACTIVATIONS)}; "
         f"got {cfg.final_activation!r}",
     )
-    need(cfg.epochs >= 1, f"epochs: expected >= 1; got {cfg.epochs}")
-    need(
-        cfg.earlystop_patience >= 0,
-        f"earlystop_patience: expected >= 0; got {cfg.earlystop_patience}",
-    )
-    need(cfg.batch_size >= 1, f"batch_size: expected >= 1; got {cfg.batch_size}")
+    in_range("epochs", cfg.epochs, 1, MAX_EPOCHS)
+    in_range("earlystop_patience", cfg.earlystop_patience, 0, MAX_EPOCHS)
+    in_range("batch_size", cfg.batch_size, 1, MAX_BATCH)
     need(cfg.learning_rate > 0, f"learning_rate: expected > 0; got {cfg.learning_rate:g}")
     need(
         cfg.lr_schedule in LR_SCHEDULES,
@@ -234,19 +249,27 @@ def validate(cfg: TrainConfig) -> None:
         cfg.lr_max >= cfg.learning_rate,
         f"lr_max: expected >= learning_rate ({cfg.learning_rate:g}); got {cfg.lr_max:g}",
     )
-    need(cfg.lr_cycle_epochs >= 1, f"lr_cycle_epochs: expected >= 1; got {cfg.lr_cycle_epochs}")
+    in_range("lr_cycle_epochs", cfg.lr_cycle_epochs, 1, MAX_EPOCHS)
     need(
         0 <= cfg.bn_momentum < 1,
         f"bn_momentum: expected 0 <= momentum < 1; got {cfg.bn_momentum:g}",
     )
-    need(cfg.seed >= 0, f"seed: expected >= 0; got {cfg.seed}")
-    need(cfg.split_seed >= 0, f"split_seed: expected >= 0; got {cfg.split_seed}")
+    in_range("seed", cfg.seed, 0, MAX_SEED)
+    in_range("split_seed", cfg.split_seed, 0, MAX_SEED)
     factor = 2**cfg.conv_layers
     need(
         cfg.window_size >= factor and cfg.window_size % factor == 0,
         f"window_size: expected a multiple of 2**conv_layers = {factor}; got {cfg.window_size}",
     )
-    need(cfg.stride >= 1, f"stride: expected >= 1; got {cfg.stride}")
+    in_range("window_size", cfg.window_size, factor, MAX_WINDOW)
+    in_range("stride", cfg.stride, 1, MAX_WINDOW)
+    # a kernel or dilation wider than the window sees only the causal zero padding
+    in_range("kernel_size", cfg.kernel_size, 1, cfg.window_size, "window_size")
+    need(
+        len(cfg.dilations) <= MAX_DILATIONS and max(cfg.dilations) <= cfg.window_size,
+        f"dilations: expected at most {MAX_DILATIONS} values, each <= window_size "
+        f"({cfg.window_size}); got {cfg.dilations_str}",
+    )
     need(cfg.split in SPLITS, f"split: expected one of {', '.join(SPLITS)}; got {cfg.split!r}")
     need(
         0 < cfg.healthy_max_vb <= cfg.failed_min_vb,
@@ -266,16 +289,19 @@ def validate(cfg: TrainConfig) -> None:
         0 < cfg.threshold_percentile < 100,
         f"threshold_percentile: expected 0 < p < 100; got {cfg.threshold_percentile:g}",
     )
-    need(cfg.score_samples >= 0, f"score_samples: expected >= 0; got {cfg.score_samples}")
-    need(cfg.bootstrap >= 0, f"bootstrap: expected >= 0; got {cfg.bootstrap}")
+    in_range("score_samples", cfg.score_samples, 0, MAX_SCORE_SAMPLES)
+    in_range("bootstrap", cfg.bootstrap, 0, MAX_BOOTSTRAP)
+    need(cfg.max_memory_gb >= 0, f"max_memory_gb: expected >= 0; got {cfg.max_memory_gb:g}")
     need(bool(cfg.experiment), "experiment: expected a non-empty MLflow experiment name")
     if cfg.data.lower() not in DATA_KEYWORDS and not os.path.isfile(cfg.data):
         raise MillvaeError(
             "data: expected a path to a mill.mat file, 'auto', 'nasa' or 'synthetic'; "
             f"got {cfg.data!r} (no such file)"
         )
-    if cfg.labels and not os.path.isfile(cfg.labels):
-        raise MillvaeError(f"labels: expected a CSV file; got {cfg.labels!r} (no such file)")
+    # 'seed' is fetched (and checked) when the data is prepared, like data=nasa
+    if cfg.labels and cfg.labels.lower() != "seed" and not os.path.isfile(cfg.labels):
+        why = "a directory" if os.path.isdir(cfg.labels) else "no such file"
+        raise MillvaeError(f"labels: expected a CSV file or 'seed'; got {cfg.labels!r} ({why})")
     low = cfg.signals.lower()
     if low not in ("all", "available"):
         names = [s.strip() for s in cfg.signals.split(",") if s.strip()]
@@ -284,4 +310,34 @@ def validate(cfg: TrainConfig) -> None:
             bool(names) and not unknown,
             f"signals: expected 'all', 'available' or names from {', '.join(SIGNAL_NAMES)}; "
             f"got {cfg.signals!r}",
+        )
+    check_memory(cfg)
+
+
+def check_memory(cfg: TrainConfig) -> None:
+    """Refuse, before any data is loaded, a run whose estimated memory exceeds max_memory_gb
+    (0: what this machine lets the process use)."""
+    from millvae.memory import available_gb, estimate
+
+    names = [s for s in cfg.signals.split(",") if s.strip()]
+    n_signals = len(names) if cfg.signals.lower() not in ("all", "available") else 6
+    est = estimate(
+        window_size=cfg.window_size,
+        stride=cfg.stride,
+        n_signals=n_signals,
+        codings_size=cfg.codings_size,
+        conv_layers=cfg.conv_layers,
+        filters=cfg.start_filter_no,
+        kernel_size=cfg.kernel_size,
+        dilations=cfg.dilations,
+        batch_size=cfg.batch_size,
+    )
+    limit = cfg.max_memory_gb or available_gb()
+    if est.total_gb > limit:
+        source = f"max_memory_gb={cfg.max_memory_gb:g}" if cfg.max_memory_gb else "this machine"
+        raise MillvaeError(
+            f"memory: expected a configuration that fits in {limit:.1f} GB ({source}); this one "
+            f"needs about {est.total_gb:.1f} GB (weights {est.weights_gb:.1f}, activations "
+            f"{est.activations_gb:.1f}, data {est.data_gb:.1f}): lower batch_size, "
+            "start_filter_no, kernel_size, dilations, codings_size or raise stride"
         )

@@ -101,7 +101,11 @@ CASES = [
         "multiple of 2**conv_layers = 8; got 60",
     ),
     ("malformed-dilations", lambda t, s: ["--dilations", "1,two,4"], "dilations: expected"),
-    ("epochs-zero", lambda t, s: ["--epochs", "0"], "epochs: expected >= 1; got 0"),
+    (
+        "epochs-zero",
+        lambda t, s: ["--epochs", "0"],
+        "epochs: expected 1 <= epochs <= 100000; got 0",
+    ),
     ("unknown-activation", lambda t, s: ["--final_activation", "relu"], "final_activation"),
     ("unknown-split", lambda t, s: ["--split", "random"], "split: expected one of"),
     ("unknown-signal", lambda t, s: ["--signals", "smcAC,force"], "signals: expected"),
@@ -112,9 +116,52 @@ CASES = [
         lambda t, s: ["--lr_schedule", "onecycle", "--lr_max", "0.0001"],
         "lr_max: expected >= learning_rate (0.001); got 0.0001",
     ),
+    # sizes: every one bounded, and what the bounds let through is checked against memory
+    ("kernel-huge", lambda t, s: ["--kernel_size", "100000"], "kernel_size <= window_size (64)"),
+    ("codings-huge", lambda t, s: ["--codings_size", "1e8"], "codings_size <= 4096; got 100000000"),
+    ("filters-huge", lambda t, s: ["--start_filter_no", "5000"], "start_filter_no <= 1024"),
+    ("filters-zero", lambda t, s: ["--start_filter_no", "0"], "1 <= start_filter_no"),
+    ("dilation-wider-than-window", lambda t, s: ["--dilations", "1,128"], "each <= window_size"),
+    ("too-many-dilations", lambda t, s: ["--dilations", ",".join(["1"] * 17)], "at most 16"),
+    ("window-huge", lambda t, s: ["--window_size", "16384"], "window_size <= 9000"),
+    ("stride-zero", lambda t, s: ["--stride", "0"], "1 <= stride <= 9000; got 0"),
+    ("stride-huge", lambda t, s: ["--stride", "100000"], "stride <= 9000"),
+    ("batch-huge", lambda t, s: ["--batch_size", "1e7"], "batch_size <= 65536"),
+    ("epochs-huge", lambda t, s: ["--epochs", "1e9"], "epochs <= 100000"),
+    ("patience-huge", lambda t, s: ["--earlystop_patience", "1e9"], "earlystop_patience <="),
+    ("cycle-huge", lambda t, s: ["--lr_cycle_epochs", "1e12"], "lr_cycle_epochs <= 100000"),
+    ("seed-beyond-32-bit", lambda t, s: ["--seed", str(2**40)], "seed <= 4294967295"),
+    ("negative-split-seed", lambda t, s: ["--split_seed", "-1"], "0 <= split_seed"),
+    ("score-samples-huge", lambda t, s: ["--score_samples", "100000"], "score_samples <= 100"),
+    ("bootstrap-huge", lambda t, s: ["--bootstrap", "1e9"], "bootstrap <= 100000"),
+    ("memory-cap-negative", lambda t, s: ["--max_memory_gb", "-1"], "max_memory_gb: expected >= 0"),
+    ("memory-cap-nan", lambda t, s: ["--max_memory_gb", "nan"], "max_memory_gb: expected a finite"),
+    (
+        "over-memory-cap",
+        lambda t, s: ["--max_memory_gb", "0.5"],
+        "fits in 0.5 GB (max_memory_gb=0.5)",
+    ),
+    (
+        "over-machine-memory",
+        lambda t, s: ["--batch_size", "65536", "--start_filter_no", "1024"],
+        "(this machine); this one needs about",
+    ),
+    ("beta-inf", lambda t, s: ["--beta", "inf"], "beta: expected a finite number"),
+    (
+        "codings-fraction",
+        lambda t, s: ["--codings_size", "2.5"],
+        "codings_size: expected an integer",
+    ),
+    ("layers-seven", lambda t, s: ["--conv_layers", "7"], "conv_layers: expected 1..6; got 7"),
+    ("unknown-positive", lambda t, s: ["--positive", "all"], "positive: expected one of"),
+    ("percentile-100", lambda t, s: ["--threshold_percentile", "100"], "threshold_percentile"),
+    ("momentum-one", lambda t, s: ["--bn_momentum", "1"], "bn_momentum: expected 0 <= momentum"),
+    ("empty-experiment", lambda t, s: ["--experiment", " "], "experiment: expected a non-empty"),
+    ("unknown-option", lambda t, s: ["--betta", "1"], "unrecognized arguments: --betta 1"),
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_fails_the_run_with_one_line(
     argv, expected, external_run, synthetic_mat, tmp_path, capsys
@@ -163,5 +210,5 @@ def test_a_real_process_exits_non_zero_with_one_line(tracking):
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        "millvae: error: kernel_size: expected >= 1; got 0"
+        "millvae: error: kernel_size: expected 1 <= kernel_size <= window_size (64); got 0"
     )

@@ -121,3 +121,14 @@ def test_mlflow_run_repeat_makes_one_child_per_seed_and_trains_none_into_the_par
     )
     assert all(c.data.tags["model_type"] == "beta_vae" for c in children)
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_mlflow_run_refuses_a_configuration_beyond_memory_before_loading_data(tracking, tmp_path):
+    out = _mlflow_run(tmp_path, "kernel_size=64", "dilations=1,2,4,8,16,32,64", "batch_size=65536")
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()
+    assert any(line.startswith("millvae: error: memory: expected a configuration") for line in last)
+    assert "Traceback" not in out.stderr
+    runs = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "data_source" not in runs[0].data.tags  # refused before any data was read
