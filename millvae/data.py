@@ -11,6 +11,7 @@ import pandas as pd
 from millvae.config import TrainConfig
 from millvae.errors import MillvaeError
 from millvae.mat import MillData, load_mill
+from millvae.metrics import positive_labels
 from millvae.prep import (
     CLASS_NAMES,
     HEALTHY,
@@ -25,6 +26,7 @@ from millvae.prep import (
     tool_class,
     window_starts,
 )
+from millvae.sources import LabelsFile, resolve_data, resolve_labels
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -43,6 +45,8 @@ class Prepared:
     regions_from: str  # "labels" | "detected"
     dropped: dict[int, str] = field(default_factory=dict)
     cuts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    labels_path: str = ""  # the labels CSV the regions came from ("" when detected)
+    labels_sha256: str = ""
 
     def mask(self, split: str, slim: bool = False) -> np.ndarray:
         m = (self.windows["split"] == split).to_numpy()
@@ -69,14 +73,24 @@ class Prepared:
         return out
 
 
-def prepare_from_mill(mill: MillData, cfg: TrainConfig) -> tuple:
-    """Label cuts, find regions, cut windows and split them (unscaled): pure array work."""
+def prepare_from_mill(
+    mill: MillData, cfg: TrainConfig, labels_file: LabelsFile | None = None
+) -> tuple:
+    """Label cuts, find regions, cut windows and split them (unscaled): pure array work.
+
+    ``labels_file`` is ``cfg.labels`` already resolved (see `resolve_labels`); without it the
+    labels parameter is resolved here.
+    """
     cuts = mill.cuts.copy()
     cuts["VB_filled"] = interpolate_flank_wear(cuts)
     cuts["tool_class"] = tool_class(cuts["VB_filled"], cfg.healthy_max_vb, cfg.failed_min_vb)
-    if cfg.labels:
-        labels = read_labels(cfg.labels)
-        regions = regions_from_labels(labels, cuts.index.tolist(), mill.n_samples)
+    if labels_file is None and cfg.labels:
+        labels_file = resolve_labels(cfg.labels)
+    if labels_file is not None:
+        labels = read_labels(labels_file.path)
+        regions = regions_from_labels(
+            labels, cuts.index.tolist(), mill.n_samples, cuts["case"].to_numpy()
+        )
         regions_from = "labels"
         if "tool_class" in labels.columns:
             theirs = labels.loc[cuts.index, "tool_class"].to_numpy()
@@ -146,15 +160,20 @@ def prepare_from_mill(mill: MillData, cfg: TrainConfig) -> tuple:
 
 def prepare(cfg: TrainConfig, mill: MillData | None = None, data_file=None) -> Prepared:
     """Resolve the data source, load it and prepare scaled, split windows."""
+    # before the data: labels=seed fails in a second where data=nasa may first fetch 72 MB
+    labels_file = resolve_labels(cfg.labels) if cfg.labels else None
     if mill is None:
-        from millvae.sources import resolve_data
-
         data_file = resolve_data(cfg.data)
         mill = load_mill(data_file.path, cfg.signals)
-    raw, windows, cuts, regions_from = prepare_from_mill(mill, cfg)
+    raw, windows, cuts, regions_from = prepare_from_mill(mill, cfg, labels_file)
     train = (windows["split"] == "train").to_numpy()
     if not (train & (windows["tool_class"] == HEALTHY).to_numpy()).any():
-        raise MillvaeError("split: expected healthy windows in the training split; found none")
+        # the model learns healthy cutting only: with none there is nothing to train on
+        raise MillvaeError(
+            f"split: expected healthy windows (VB < {cfg.healthy_max_vb:g} mm) in the training "
+            f"split; found none (train holds {_class_counts(windows, 'train')} windows, "
+            f"split={cfg.split})"
+        )
     scaler = MinMaxScaler.fit(raw[train], mill.signal_names, cfg.window_size)
     return Prepared(
         x=scaler.transform(raw),
@@ -167,4 +186,42 @@ def prepare(cfg: TrainConfig, mill: MillData | None = None, data_file=None) -> P
         regions_from=regions_from,
         dropped=dict(mill.dropped),
         cuts=cuts,
+        labels_path=str(labels_file.path) if labels_file is not None else "",
+        labels_sha256=labels_file.sha256 if labels_file is not None else "",
+    )
+
+
+def _class_counts(windows: pd.DataFrame, split: str) -> str:
+    """'12 healthy / 0 degraded / 3 failed' for one split."""
+    tc = windows.loc[windows["split"] == split, "tool_class"].to_numpy()
+    n = np.bincount(tc.astype(np.int64), minlength=3)
+    return " / ".join(f"{int(k)} {name}" for k, name in zip(n, CLASS_NAMES, strict=True))
+
+
+def why_no_detection(prepared: Prepared, positive: str = "failed") -> str | None:
+    """Why no detection metric can be computed on this data, in one line; None when they can.
+
+    AP, ROC-AUC and the validation-chosen threshold need positive (``positive``: failed, or worn =
+    degraded + failed) and negative windows in both the validation and the test split.
+    """
+    y = positive_labels(prepared.windows["tool_class"].to_numpy(), positive)
+    split = prepared.windows["split"].to_numpy()
+    pos = "failed" if positive == "failed" else "worn (degraded or failed)"
+    neg = "healthy or degraded" if positive == "failed" else "healthy"
+    gaps = []
+    for part, title in (("val", "validation"), ("test", "test")):
+        yp = y[split == part]
+        lacks = [what for what, present in ((pos, yp.any()), (neg, (~yp).any())) if not present]
+        if lacks:
+            gaps.append(f"{title} has no {' and no '.join(lacks)} window")
+    if not gaps:
+        return None
+    if not y.any():
+        gaps.append(f"the data holds no {pos} window at all")
+    elif y.all():
+        gaps.append(f"the data holds no {neg} window at all")
+    return (
+        f"no detection metrics (positive={positive}): {'; '.join(gaps)} "
+        f"(validation: {_class_counts(prepared.windows, 'val')}; "
+        f"test: {_class_counts(prepared.windows, 'test')})"
     )

@@ -40,6 +40,61 @@ class MillData:
         return int(self.signals.shape[1])
 
 
+def _kind_problem(value: object) -> str | None:
+    """Why a field's value cannot be numbers ("is text", ...), or None when it can."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "US":
+        return "is text"
+    if arr.dtype.kind in "OV":  # scipy loads MATLAB cells and structs as object/record arrays
+        return "is a MATLAB cell or struct"
+    if arr.dtype.kind == "c":
+        return "holds complex numbers"
+    if arr.dtype.kind not in "biuf":
+        return f"holds {arr.dtype} values"
+    return None
+
+
+def _signal_length(value: object) -> tuple[int, str | None]:
+    """(samples, problem) of one signal field: a real numeric vector has no problem."""
+    kind = _kind_problem(value)
+    arr = np.asarray(value)
+    if kind is not None:
+        return -1, f"{kind}, expected {'real ' if arr.dtype.kind == 'c' else ''}numbers"
+    if sum(d > 1 for d in arr.shape) > 1:  # [n, 1], [1, n] and [n] are vectors; [n, 2] is not
+        return -1, f"has shape {'x'.join(map(str, arr.shape))}, expected a vector of samples"
+    return int(arr.size), None
+
+
+def _record_problem(
+    rec: np.void, signals: Sequence[str], lengths: Sequence[int], expected_len: int | None
+) -> str | None:
+    """The first reason a record cannot be used, in words; None for a good record."""
+    for s in signals:
+        _, problem = _signal_length(rec[s])
+        if problem:
+            return f"signal {s!r} {problem}"
+    wrong = [(s, n) for s, n in zip(signals, lengths, strict=True) if n != expected_len]
+    if wrong:
+        n_first = wrong[0][1]
+        if len(wrong) == len(signals) and all(n == n_first for _, n in wrong):
+            return f"{n_first} samples, expected {expected_len}"
+        return f"signal {wrong[0][0]!r} has {n_first} samples, expected {expected_len}"
+    values = np.stack([np.asarray(rec[s], dtype=np.float64).ravel() for s in signals])
+    if not np.isfinite(values).all():
+        return "non-finite values"
+    if np.abs(values).max() > ABSURD_ABS_VALUE:
+        return f"absurd values (|x| up to {np.abs(values).max():.3g})"
+    for f in META_FIELDS:
+        kind = _kind_problem(rec[f])
+        if kind is not None:
+            return f"metadata {f!r} {kind}, expected a number"
+        if np.asarray(rec[f]).size > 1:
+            return f"metadata {f!r} has {np.asarray(rec[f]).size} values, expected one number"
+    if not all(np.isfinite(_scalar(rec[f])) for f in META_FIELDS if f != "VB"):
+        return "missing metadata"
+    return None
+
+
 def _scalar(value: np.ndarray) -> float:
     arr = np.asarray(value, dtype=np.float64).ravel()
     return float(arr[0]) if arr.size else float("nan")
@@ -104,27 +159,26 @@ def load_mill(path: str | Path, signals: str | Sequence[str] | None = None) -> M
     if records.size == 0:
         raise MillvaeError(f"data: expected at least one cut in 'mill'; {path.name} has none")
 
-    known = [s for s in present if s in SIGNAL_NAMES]
-    lengths = np.array([[np.asarray(r[s]).size for s in known] for r in records])
-    expected_len = Counter(lengths.ravel().tolist()).most_common(1)[0][0]
+    # Every known signal is checked, not only the wanted ones, so the same records are dropped
+    # whichever signals a run uses (the split counts then do not depend on `signals`).
+    known = [s for s in present if s in SIGNAL_NAMES or s in wanted]
+    lengths = np.array([[_signal_length(r[s])[0] for s in known] for r in records])
+    usable = lengths[(lengths >= 0).all(axis=1)]
+    expected_len = Counter(usable.ravel().tolist()).most_common(1)[0][0] if usable.size else None
     dropped: dict[int, str] = {}
     for i, rec in enumerate(records):
-        if (lengths[i] != expected_len).any():
-            dropped[i] = f"{int(lengths[i].max())} samples, expected {expected_len}"
-            continue
-        values = np.stack([np.asarray(rec[s], dtype=np.float64).ravel() for s in known])
-        if not np.isfinite(values).all():
-            dropped[i] = "non-finite values"
-        elif np.abs(values).max() > ABSURD_ABS_VALUE:
-            dropped[i] = f"absurd values (|x| up to {np.abs(values).max():.3g})"
-        elif not all(np.isfinite(_scalar(rec[f])) for f in META_FIELDS if f != "VB"):
-            dropped[i] = "missing metadata"
+        problem = _record_problem(rec, known, lengths[i].tolist(), expected_len)
+        if problem:
+            dropped[i] = problem
     if dropped:
         detail = "; ".join(f"{i} ({why})" for i, why in dropped.items())
         warnings.warn(f"dropped corrupted records {sorted(dropped)}: {detail}", stacklevel=2)
     keep = [i for i in range(records.size) if i not in dropped]
     if not keep:
-        raise MillvaeError(f"data: every record of {path.name} is corrupted")
+        raise MillvaeError(
+            f"data: expected at least one good record in {path.name}; every one of its "
+            f"{records.size} is corrupted (record 0: {dropped[0]})"
+        )
 
     meta = {f: [_scalar(records[i][f]) for i in keep] for f in META_FIELDS}
     cuts = pd.DataFrame(meta, index=pd.Index(keep, name="cut_no"))

@@ -42,16 +42,40 @@ def tool_class(vb: np.ndarray | pd.Series, healthy_max: float = 0.2, failed_min:
     return np.where(vb < healthy_max, HEALTHY, np.where(vb < failed_min, DEGRADED, FAILED))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _whole_numbers(col: pd.Series) -> bool:
+    """Every value a finite whole number (bools are not numbers here: True/False are no samples)."""
+    if pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col):
+        return False
+    values = col.to_numpy(dtype=np.float64)
+    return bool(np.isfinite(values).all() and (values == np.round(values)).all())
+
+
 def read_labels(path: str | Path) -> pd.DataFrame:
     """Read a labels CSV in the seed's format; returns it indexed by cut_no."""
     path = Path(path)
     if not path.is_file():
-        raise MillvaeError(f"labels: expected a CSV file; got {str(path)!r} (no such file)")
+        why = "a directory" if path.is_dir() else "no such file"
+        raise MillvaeError(f"labels: expected a CSV file; got {str(path)!r} ({why})")
     try:
         df = pd.read_csv(path)
-    except Exception as exc:
+    except UnicodeDecodeError as exc:
         raise MillvaeError(
-            f"labels: expected a CSV file; could not parse {path.name} ({exc})"
+            f"labels: expected a CSV text file; {path.name} is not UTF-8 text "
+            f"(byte 0x{exc.object[exc.start]:02x} at position {exc.start})"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise MillvaeError(
+            f"labels: expected a CSV file with a header row; {path.name} is empty"
+        ) from None
+    except Exception as exc:
+        # pandas' tokenizer messages end in a newline; the user gets one line
+        raise MillvaeError(
+            f"labels: expected a CSV file; could not parse {path.name} ({_first_line(exc)})"
         ) from None
     missing = [c for c in LABEL_COLUMNS if c not in df.columns]
     if missing:
@@ -59,22 +83,67 @@ def read_labels(path: str | Path) -> pd.DataFrame:
             f"labels: expected columns {', '.join(LABEL_COLUMNS)}; {path.name} lacks "
             f"{', '.join(missing)} (has {', '.join(map(str, df.columns))})"
         )
-    for c in LABEL_COLUMNS:
-        if not pd.api.types.is_numeric_dtype(df[c]) or df[c].isna().any():
-            raise MillvaeError(f"labels: expected whole numbers in column {c!r} of {path.name}")
+    if df.empty:
+        raise MillvaeError(f"labels: expected one row per cut; {path.name} has only its header")
+    for c in (*LABEL_COLUMNS, *(["case"] if "case" in df.columns else [])):
+        if not _whole_numbers(df[c]):
+            bad = df[c][~df[c].map(_is_whole)].iloc[:1].tolist()
+            shown = f"; got {bad[0]!r}" if bad else ""
+            raise MillvaeError(
+                f"labels: expected whole numbers in column {c!r} of {path.name}{shown}"
+            )
+    df[list(LABEL_COLUMNS)] = df[list(LABEL_COLUMNS)].astype(np.int64)
+    if (df["cut_no"] < 0).any():
+        raise MillvaeError(
+            f"labels: expected cut_no >= 0 (the record's position in the file) in {path.name}; "
+            f"got {int(df['cut_no'].min())}"
+        )
     if df["cut_no"].duplicated().any():
-        raise MillvaeError(f"labels: expected one row per cut_no in {path.name}; found duplicates")
+        dup = int(df.loc[df["cut_no"].duplicated(), "cut_no"].iloc[0])
+        raise MillvaeError(
+            f"labels: expected one row per cut_no in {path.name}; cut_no {dup} appears twice"
+        )
     return df.set_index("cut_no")
 
 
-def regions_from_labels(labels: pd.DataFrame, cut_nos: Sequence[int], n_samples: int) -> np.ndarray:
-    """The [start, end) stable region of each cut from a labels table."""
+def _is_whole(value: object) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite(f) and f == round(f))
+
+
+def regions_from_labels(
+    labels: pd.DataFrame,
+    cut_nos: Sequence[int],
+    n_samples: int,
+    cut_case: Sequence[int] | None = None,
+) -> np.ndarray:
+    """The [start, end) stable region of each cut from a labels table.
+
+    With ``cut_case`` (each cut's case in the data) and a ``case`` column in the labels, every
+    used row must name the cut's case: labels made for another file would pick wrong regions.
+    """
     absent = [c for c in cut_nos if c not in labels.index]
     if absent:
         raise MillvaeError(
             f"labels: expected a row for every cut of the data; missing cut_no {absent[:5]}"
             + (" ..." if len(absent) > 5 else "")
         )
+    if cut_case is not None and "case" in labels.columns:
+        theirs = labels.loc[list(cut_nos), "case"].to_numpy(dtype=np.int64)
+        ours = np.asarray(cut_case, dtype=np.int64)
+        wrong = np.flatnonzero(theirs != ours)
+        if wrong.size:
+            k = int(wrong[0])
+            raise MillvaeError(
+                f"labels: expected each cut_no's case to match the data; cut {cut_nos[k]} is "
+                f"case {ours[k]} in the data but case {theirs[k]} in the labels "
+                f"({wrong.size} cuts differ: labels for another file?)"
+            )
     reg = labels.loc[list(cut_nos), ["window_start", "window_end"]].to_numpy(dtype=np.int64)
     bad = (reg[:, 0] < 0) | (reg[:, 1] > n_samples) | (reg[:, 1] <= reg[:, 0])
     if bad.any():

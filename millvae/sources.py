@@ -1,8 +1,10 @@
-"""Turn the ``data`` parameter into a local ``mill.mat``: a path, the NASA download, or a simulator.
+"""Turn the ``data`` parameter into a local ``mill.mat`` (a path, the NASA download, or a simulator)
+and the ``labels`` parameter into a local labels CSV (a path, or the seed's published file).
 
-``resolve_data`` is the one entry point the training code uses; ``download_nasa`` fetches and
-verifies the official archive (a zip holding a nested ``mill.zip`` holding ``mill.mat``) into a
-cache folder; ``main`` is the ``millvae download`` subcommand.
+``resolve_data`` and ``resolve_labels`` are the entry points the training code uses;
+``download_nasa`` fetches and verifies the official archive (a zip holding a nested ``mill.zip``
+holding ``mill.mat``) into a cache folder, ``download_seed_labels`` the seed's labels CSV into the
+same folder; ``main`` is the ``millvae download`` subcommand.
 """
 
 from __future__ import annotations
@@ -38,8 +40,22 @@ NASA_ZIP_MD5 = "4da3afb0aa50cb3dcdd8e20ed1ed1c7c"
 MILL_MAT_SIZE = 72_575_144
 MILL_MAT_SHA256 = "71486a857939d1416c86c7cf0c469d5e69c7c30495e01ec8a0e13aafd2a313cb"
 
+# The seed's hand-picked stable cutting regions (Hahn & Mechefske 2021), published in the seed's
+# repository github.com/tvhahn/ml-tool-wear as data/processed/labels_with_tool_class.csv (MIT
+# licence). The URL names the commit that added the file (it is unchanged on master since), so
+# what it serves cannot move under the checksum.
+SEED_LABELS_URL = (
+    "https://raw.githubusercontent.com/tvhahn/ml-tool-wear/"
+    "e1b4980915df421ac3674970b47b3c0b2258aa9c/data/processed/labels_with_tool_class.csv"
+)
+SEED_LABELS_SHA256 = "acda3c5e26d67ccd36cceec390bef29cac6604c70bc426d3d1e037eae25d2d87"
+SEED_LABELS_NAME = "labels_with_tool_class.csv"
+# The real file has 6,449 bytes; far more means the URL serves something else (a page, an archive).
+SEED_LABELS_MAX_BYTES = 1 << 20
+
 MAT_NAME = "mill.mat"
 DATA_WORDS = ("nasa", "synthetic", "auto")
+LABELS_WORDS = ("seed",)
 _CHUNK = 1 << 16
 _TMP_PREFIX = ".millvae-tmp-"
 
@@ -56,6 +72,15 @@ class DataFile:
 
     path: Path
     origin: str  # "file" | "nasa" | "synthetic"
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LabelsFile:
+    """A resolved labels CSV: absolute path, where it came from, and its content hash."""
+
+    path: Path
+    origin: str  # "file" | "seed"
     sha256: str
 
 
@@ -90,6 +115,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
                 h.update(chunk)
         _HASH_MEMO[key] = h.hexdigest()
     return _HASH_MEMO[key]
+
+
+def _sha256_now(path: Path) -> str | None:
+    """Hex sha256 of a small file read afresh (None when unreadable): no memo, so a file rewritten
+    within the same mtime tick is never taken for its earlier self."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _env_flag(name: str) -> bool:
@@ -225,16 +259,36 @@ def _network_reason(exc: BaseException, timeout: float) -> str:
     return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
 
 
-def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> str:
-    """Stream ``url`` into ``dest``; return the md5 of what came. Raises MillvaeError."""
-    hint = f"put a {MAT_NAME} at {dest.parent / MAT_NAME} or use data=synthetic"
+def _fetch(
+    url: str,
+    dest: Path,
+    timeout: float,
+    progress: bool,
+    *,
+    hint: str | None = None,
+    limit: int | None = None,
+) -> str:
+    """Stream ``url`` into ``dest`` (at most ``limit`` bytes); return the md5 of what came.
+
+    Raises MillvaeError; ``hint`` ends the network messages (what the user can do instead).
+    """
+    if hint is None:
+        hint = f"put a {MAT_NAME} at {dest.parent / MAT_NAME} or use data=synthetic"
     md5 = hashlib.md5()
-    request = urllib.request.Request(url, headers={"User-Agent": "millvae-downloader"})
+    got = 0
     try:
+        # built inside the try: Request itself refuses a malformed URL with a ValueError
+        request = urllib.request.Request(url, headers={"User-Agent": "millvae-downloader"})
         with urllib.request.urlopen(request, timeout=timeout) as resp, open(dest, "wb") as out:
             length = resp.headers.get("Content-Length")
             bar = _Progress(int(length) if length and length.isdigit() else None, progress)
             for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                got += len(chunk)
+                if limit is not None and got > limit:
+                    raise MillvaeError(
+                        f"could not download {url}: expected at most {limit:,} bytes, got more "
+                        f"(the URL serves something else?); {hint}"
+                    )
                 out.write(chunk)
                 md5.update(chunk)
                 bar.update(len(chunk))
@@ -383,6 +437,64 @@ def download_nasa(
     return target.resolve()
 
 
+def download_seed_labels(
+    cache_dir: Path | None = None,
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = 30.0,
+) -> Path:
+    """Return ``cache_dir/labels_with_tool_class.csv`` (the seed's labels), fetching it if absent.
+
+    ``url`` defaults to ``$MILLVAE_LABELS_URL``, else :data:`SEED_LABELS_URL`; ``sha256`` to
+    :data:`SEED_LABELS_SHA256` (read at call time). A cached copy with that hash is returned without
+    network access; one without it (a corrupted or edited file) is fetched again.
+    ``$MILLVAE_OFFLINE=1`` forbids the download. Every failure is a one-line :class:`MillvaeError`
+    and leaves the cache as it was (a verified file is only ever moved in whole).
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    url = url or os.environ.get("MILLVAE_LABELS_URL") or SEED_LABELS_URL
+    want = (sha256 or SEED_LABELS_SHA256).lower()
+    target = folder / SEED_LABELS_NAME
+    if _sha256_now(target) == want:
+        return target.resolve()
+    _make_dir(folder)
+    note = f"waiting for another process to fetch {target}"
+    with _file_lock(folder / f".{SEED_LABELS_NAME}.lock", note):
+        if _sha256_now(target) == want:  # fetched by another process while this one waited
+            return target.resolve()
+        hint = f"put the seed's {SEED_LABELS_NAME} (sha256 {want}) at {target} or pass labels=PATH"
+        stale = target.exists()
+        if stale:
+            log.warning("%s does not match sha256 %s; fetching it again", target, want)
+        if _env_flag("MILLVAE_OFFLINE"):
+            why = f"the copy at {target} does not match; " if stale else ""
+            raise MillvaeError(
+                f"could not download the seed's labels CSV from {url}: MILLVAE_OFFLINE is set; "
+                f"{why}{hint}"
+            )
+        if progress:
+            print(f"downloading {url} into {folder}", file=sys.stderr, flush=True)
+        tmp = _tmp_path(folder, ".csv")
+        try:
+            # a 6 kB file: no progress bar, only the two lines around it
+            _fetch(url, tmp, timeout, False, hint=hint, limit=SEED_LABELS_MAX_BYTES)
+            got = _sha256_now(tmp)
+            if got != want:
+                raise MillvaeError(
+                    f"labels CSV from {url}: expected sha256 {want}, got {got} "
+                    "(corrupted or changed download; nothing was cached)"
+                )
+            os.replace(tmp, target)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    if progress:
+        print(f"saved {target}", file=sys.stderr, flush=True)
+    return target.resolve()
+
+
 # ----------------------------------------------------------------------------------------------
 # synthetic
 
@@ -491,31 +603,69 @@ def resolve_data(data: str, *, synthetic_seed: int = 0) -> DataFile:
     return _as_file(text)
 
 
+def resolve_labels(labels: str, *, progress: bool = True) -> LabelsFile | None:
+    """Turn the ``labels`` parameter into a local CSV: None for empty (detect the regions).
+
+    ``seed`` is the seed's published labels CSV, fetched once into the cache and checked against
+    its sha256 (see :func:`download_seed_labels`); anything else is a path to a CSV of your own.
+    The word wins over a file named ``seed`` in the working folder (pass ``./seed`` for that).
+    """
+    text = os.fspath(labels).strip()
+    if not text:
+        return None
+    if text.lower() in LABELS_WORDS:
+        path = download_seed_labels(progress=progress)
+        return LabelsFile(path, "seed", sha256_file(path))
+    p = Path(text).expanduser()
+    if not p.is_file():
+        why = "a directory" if p.is_dir() else "no such file"
+        raise MillvaeError(f"labels: expected a CSV file or 'seed'; got {text!r} ({why})")
+    p = p.resolve()
+    return LabelsFile(p, "file", sha256_file(p))
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``millvae download``: fetch the NASA milling data into the cache and print its path."""
+    """``millvae download``: fetch the NASA milling data (or ``--labels``: the seed's labels CSV)
+    into the cache and print its path."""
     parser = ArgParser(
         prog="millvae download",
         description="Download the UC Berkeley milling data (NASA archive), verify it, and cache "
-        f"{MAT_NAME}. Prints the path of the cached file.",
+        f"{MAT_NAME}; with --labels, the seed's labels CSV instead ({SEED_LABELS_NAME}, what "
+        "labels=seed uses). Prints the path of the cached file.",
+    )
+    parser.add_argument(
+        "--labels",
+        action="store_true",
+        help=f"fetch the seed's labels CSV ({SEED_LABELS_URL}, checked against its sha256) "
+        "instead of the data",
     )
     parser.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
-        help="folder for mill.mat (default: $MILLVAE_CACHE, $XDG_CACHE_HOME/millvae, "
+        help="folder for the cached files (default: $MILLVAE_CACHE, $XDG_CACHE_HOME/millvae, "
         "or ~/.cache/millvae)",
     )
     parser.add_argument(
-        "--url", default=None, help=f"archive URL (default: $MILLVAE_NASA_URL or {NASA_URL})"
+        "--url",
+        default=None,
+        help=f"archive URL (default: $MILLVAE_NASA_URL or {NASA_URL}); with --labels the CSV's "
+        "(default: $MILLVAE_LABELS_URL or the seed's)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     try:
+        if args.labels:
+            path = download_seed_labels(
+                args.cache_dir, url=args.url, progress=not args.quiet, timeout=args.timeout
+            )
+            print(path)
+            return 0
         # module constants read at call time, so a test can point them at a small fake archive
         path = download_nasa(
             args.cache_dir,

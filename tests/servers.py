@@ -1,14 +1,17 @@
-"""Throw-away servers for tests: a PostgreSQL cluster and an `mlflow server` backed by it.
+"""Throw-away servers for tests: a PostgreSQL cluster, an `mlflow server` backed by it, and a
+plain HTTP file server standing in for the download sites.
 
-Import the fixtures into a test module (`from .servers import mlflow_server, postgres_uri`).
-Both bind to 127.0.0.1 on free ports, live in their own temporary folder and are always stopped
-(whole process group) at teardown. Without PostgreSQL server binaries the tests are skipped, except
-under CI (`CI` set), where a missing install is a failure: `.ci/run` installs them.
+Import the fixtures into a test module (`from .servers import mlflow_server, postgres_uri`) and
+`FileServer` where a test needs a download site. All bind to 127.0.0.1 on free ports; the first two
+live in their own temporary folder and are always stopped (whole process group) at teardown.
+Without PostgreSQL server binaries the tests are skipped, except under CI (`CI` set), where a
+missing install is a failure: `.ci/run` installs them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import pwd
 import shutil
@@ -17,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +39,45 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FileServer:
+    """A ThreadingHTTPServer serving a folder on 127.0.0.1, recording the paths it is asked for."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def do_GET(self):
+                outer.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, name: str, data: bytes) -> str:
+        """Serve `data` as `name`; return its URL."""
+        (self.root / name).write_bytes(data)
+        return f"{self.url}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def _missing(reason: str) -> None:

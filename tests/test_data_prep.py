@@ -9,7 +9,7 @@ import scipy.io
 
 from millvae import SIGNAL_NAMES
 from millvae.config import make_config
-from millvae.data import prepare
+from millvae.data import Prepared, prepare, why_no_detection
 from millvae.errors import MillvaeError
 from millvae.mat import load_mill
 from millvae.prep import (
@@ -217,3 +217,193 @@ def test_synthetic_file_prepares_and_is_tagged_synthetic(synthetic_mat):
     assert p.data_source == "synthetic" and p.regions_from == "detected"
     c = p.counts()
     assert c["n_train_slim"] > 500 and c["n_test_failed"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# tiny mill.mat files written by scipy.io.savemat, in the real struct layout
+
+
+def cut_signals(seed: int, n: int = 9000) -> dict[str, np.ndarray]:
+    """Six [n, 1] signals of one cut: idle, a steady cut in samples 2000-7000, idle again."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    cutting = (t >= 2000) & (t < 7000)
+    out = {}
+    for k, name in enumerate(SIGNAL_NAMES):
+        x = rng.normal(0.0, 0.02, n)
+        x[cutting] += 0.5 * np.sin(0.3 * t[cutting] + k) + (1.0 if name == "smcDC" else 0.0)
+        out[name] = x.reshape(-1, 1)
+    return out
+
+
+def write_mill(path, records: list[dict]) -> object:
+    """Write `records` (field -> value; missing signals are filled by cut_signals) as 'mill'."""
+    fields = ["case", "run", "VB", "time", "DOC", "feed", "material", *SIGNAL_NAMES]
+    mill = np.empty((1, len(records)), dtype=[(f, "O") for f in fields])
+    for i, rec in enumerate(records):
+        full = {"time": 2.0 * (i + 1), "DOC": 1.5, "feed": 0.5, "material": 1, **cut_signals(i)}
+        full.update(rec)
+        for f in fields:
+            mill[0, i][f] = full[f]
+    scipy.io.savemat(path, {"mill": mill})
+    return path
+
+
+def tool_records(case: int, vbs: list[float]) -> list[dict]:
+    """Records of one tool (case), run 1.., with the given flank wear per run (nan = unmeasured)."""
+    return [{"case": case, "run": r + 1, "VB": vb} for r, vb in enumerate(vbs)]
+
+
+# --------------------------------------------------------------------------------------------
+# 8a: a dropped record says what is wrong with it
+
+BAD_RECORDS = [
+    # (id, fields of record 1, its drop reason)
+    ("text", {"vib_table": "x" * 9000}, "signal 'vib_table' is text, expected numbers"),
+    (
+        "digit-chars",  # 9000 characters: the right size, and each one parses as a number
+        {"smcAC": np.array(list("1" * 9000)).reshape(-1, 1)},
+        "signal 'smcAC' is text, expected numbers",
+    ),
+    (
+        "letter-chars",
+        {"AE_table": np.array(list("a" * 9000)).reshape(-1, 1)},
+        "signal 'AE_table' is text, expected numbers",
+    ),
+    (
+        "cell",
+        {"vib_spindle": np.array([["a"], ["b"]], dtype=object)},
+        "signal 'vib_spindle' is a MATLAB cell or struct, expected numbers",
+    ),
+    (
+        "matrix",  # 4500 x 2 has the right size, the wrong shape
+        {"smcDC": np.zeros((4500, 2))},
+        "signal 'smcDC' has shape 4500x2, expected a vector of samples",
+    ),
+    (
+        "complex",
+        {"AE_spindle": np.ones((9000, 1)) * (1 + 1j)},
+        "signal 'AE_spindle' holds complex numbers, expected real numbers",
+    ),
+    (
+        "short",
+        {"vib_table": np.zeros((8000, 1))},
+        "signal 'vib_table' has 8000 samples, expected 9000",
+    ),
+    ("empty", {"smcAC": np.zeros((0, 0))}, "signal 'smcAC' has 0 samples, expected 9000"),
+    ("text-metadata", {"DOC": "deep"}, "metadata 'DOC' is text, expected a number"),
+    (
+        "vector-metadata",
+        {"feed": np.array([0.5, 0.25])},
+        "metadata 'feed' has 2 values, expected one number",
+    ),
+    ("no-metadata", {"case": np.zeros((0, 0))}, "missing metadata"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("fields", "reason"), [c[1:] for c in BAD_RECORDS], ids=[c[0] for c in BAD_RECORDS]
+)
+def test_a_bad_record_is_dropped_with_its_true_reason(tmp_path, fields, reason):
+    records = tool_records(1, [0.0, 0.1, 0.15])
+    records[1].update(fields)
+    path = write_mill(tmp_path / "mill.mat", records)
+    with pytest.warns(UserWarning) as caught:
+        mill = load_mill(path)
+    message = str(caught[0].message)
+    assert message == f"dropped corrupted records [1]: 1 ({reason})"
+    assert mill.dropped == {1: reason}
+    assert list(mill.cuts.index) == [0, 2] and mill.signals.shape == (2, 9000, 6)
+
+
+def test_a_record_of_the_wrong_length_everywhere_keeps_the_short_reason(tmp_path):
+    records = tool_records(1, [0.0, 0.1, 0.15])
+    records[2].update({s: np.zeros((15360, 1)) for s in SIGNAL_NAMES})  # like record 94
+    with pytest.warns(UserWarning):
+        mill = load_mill(write_mill(tmp_path / "mill.mat", records))
+    assert mill.dropped == {2: "15360 samples, expected 9000"}
+
+
+@pytest.mark.bad_input
+def test_every_record_bad_is_one_line_naming_the_reason(tmp_path):
+    records = tool_records(1, [0.0, 0.1])
+    for rec in records:
+        rec["vib_table"] = "not numbers"
+    path = write_mill(tmp_path / "mill.mat", records)
+    with pytest.warns(UserWarning), pytest.raises(MillvaeError) as info:
+        load_mill(path)
+    assert str(info.value) == (
+        "data: expected at least one good record in mill.mat; every one of its 2 is corrupted "
+        "(record 0: signal 'vib_table' is text, expected numbers)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 8b: the prepared data says when detection metrics cannot be computed
+
+
+def test_two_healthy_records_say_why_there_are_no_detection_metrics(tmp_path):
+    path = write_mill(tmp_path / "two.mat", tool_records(1, [0.0, np.nan]))
+    p = prepare(make_config(data=str(path)))
+    c = p.counts()
+    assert c["n_val"] > 0 and c["n_test"] > 0 and c["n_val_failed"] == c["n_test_failed"] == 0
+    why = why_no_detection(p)
+    nv, nt = c["n_val"], c["n_test"]
+    assert why == (
+        "no detection metrics (positive=failed): validation has no failed window; "
+        "test has no failed window; the data holds no failed window at all "
+        f"(validation: {nv} healthy / 0 degraded / 0 failed; "
+        f"test: {nt} healthy / 0 degraded / 0 failed)"
+    )
+    assert "\n" not in why
+    assert why_no_detection(p, "worn").startswith(
+        "no detection metrics (positive=worn): validation has no worn (degraded or failed) window"
+    )
+
+
+def test_no_reason_when_validation_and_test_hold_both_classes(tmp_path):
+    vbs = [0.0, 0.05, 0.1, 0.15, 0.3, 0.5, 0.75, 0.9]
+    path = write_mill(tmp_path / "tool.mat", tool_records(1, vbs) + tool_records(2, vbs))
+    p = prepare(make_config(data=str(path)))
+    assert why_no_detection(p) is None and why_no_detection(p, "worn") is None
+
+
+def test_only_the_split_that_lacks_a_class_is_named():
+    windows = pd.DataFrame(
+        {
+            "cut_no": [0, 1, 2, 3, 4, 5],
+            "case": 1,
+            "tool_class": [0, 2, 0, 2, 0, 1],
+            "split": ["train", "train", "val", "val", "test", "test"],
+        }
+    )
+    p = Prepared(
+        x=np.zeros((6, 4, 1), np.float32),
+        windows=windows,
+        scaler=MinMaxScaler(np.zeros(1), np.ones(1), ("smcAC",), 4),
+        signal_names=("smcAC",),
+        data_source="real",
+        data_path="",
+        data_sha256="",
+        regions_from="detected",
+    )
+    assert why_no_detection(p) == (
+        "no detection metrics (positive=failed): test has no failed window "
+        "(validation: 1 healthy / 0 degraded / 1 failed; test: 1 healthy / 1 degraded / 0 failed)"
+    )
+    assert why_no_detection(p, "worn") is None
+
+
+@pytest.mark.bad_input
+def test_no_healthy_window_at_all_is_refused_in_one_line(tmp_path):
+    path = write_mill(tmp_path / "worn.mat", tool_records(1, [0.8, 0.9, 1.0]))
+    with pytest.raises(MillvaeError) as info:
+        prepare(make_config(data=str(path)))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "split: expected healthy windows (VB < 0.2 mm) in the training split; found none "
+        "(train holds 0 healthy / 0 degraded / "
+    )
+    assert message.endswith(" failed windows, split=window)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import logging
 import os
@@ -20,6 +19,8 @@ import pytest
 from millvae import sources
 from millvae.errors import MillvaeError
 from millvae.sources import DataFile, default_cache_dir, download_nasa, resolve_data, sha256_file
+
+from .servers import FileServer as Server
 
 MAT_BYTES = random.Random(0).randbytes(300_000)  # stands in for mill.mat: any bytes will do
 
@@ -48,44 +49,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Server:
-    """A ThreadingHTTPServer serving a temp folder on 127.0.0.1, counting the requests it gets."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(root), **kwargs)
-
-            def do_GET(self):
-                outer.requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
-
-    def add(self, name: str, data: bytes) -> str:
-        (self.root / name).write_bytes(data)
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Cache in a tmp folder, a clean cwd, no millvae/proxy settings from the caller's shell."""
-    for var in ("MILLVAE_DATA", "MILLVAE_NASA_URL", "MILLVAE_OFFLINE", "XDG_CACHE_HOME"):
+    for var in (
+        "MILLVAE_DATA",
+        "MILLVAE_NASA_URL",
+        "MILLVAE_LABELS_URL",
+        "MILLVAE_OFFLINE",
+        "XDG_CACHE_HOME",
+    ):
         monkeypatch.delenv(var, raising=False)
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
@@ -214,6 +187,12 @@ def test_nested_zip_without_mill_mat(cache, server):
 def test_http_404(cache, server, good):
     url = good["url"].replace("good.zip", "missing.zip")
     _expect_failure(cache, "expected HTTP 200, got HTTP 404", **{**good, "url": url})
+
+
+@pytest.mark.bad_input
+def test_malformed_url_is_one_line(cache, good):
+    message = _expect_failure(cache, "unknown url type", **{**good, "url": "ftp//nowhere"})
+    assert message.startswith("could not download 'ftp//nowhere': ")
 
 
 def test_offline_connection_refused_is_fast_and_clear(cache, good):
