@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -232,25 +234,35 @@ def test_models_are_built_with_fused_tcns_and_save_them(tmp_path):
 CHILD = textwrap.dedent(
     """
     import json, sys
+    from pathlib import Path
     import numpy as np
+    import tensorflow as tf
     from millvae import native
     from millvae.model import build_vae
+    if len(sys.argv) > 1:  # another copy of the kernels' sources
+        native.CSRC = Path(sys.argv[1])
     model = build_vae(window_size=16, n_signals=2, codings_size=3, conv_layers=1,
                       start_filter_no=8, kernel_size=2, dilations=[1, 2],
                       final_activation="sigmoid", beta=1.0, seed=1)
     x = np.random.default_rng(0).random((4, 16, 2)).astype("float32")
     out = model.forward(x)[2]
+    agree = None
+    if native.ops() is not None:  # a kernel's values against TensorFlow's own ops
+        v = tf.constant(np.linspace(-3, 3, 24, dtype="float32").reshape(1, 8, 3))
+        b = tf.constant([0.5, -0.25, 0.125])
+        agree = bool(np.allclose(native.bias_selu(v, b), tf.nn.selu(v + b), atol=1e-6))
     print(json.dumps({"ops": native.ops() is not None, "why": native.unavailable_reason(),
-                      "finite": bool(np.isfinite(out).all()), "sum": float(out.sum())}))
+                      "finite": bool(np.isfinite(out).all()), "sum": float(out.sum()),
+                      "agree": agree}))
     """
 )
 
 
-def _child(env_update: dict, *, cache: Path) -> tuple[dict, str]:
+def _child(env_update: dict, *, cache: Path, args: tuple[str, ...] = ()) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.update(MILLVAE_CACHE=str(cache), **env_update)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
@@ -285,5 +297,172 @@ def test_concurrent_processes_build_the_kernels_once(tmp_path, kernels):
     assert all(r["ops"] for r in results)
     assert results[0]["sum"] == results[1]["sum"]
     assert sum(e.decode().count("building the fused TCN kernels") for _, e in outs) == 1
-    assert len(list((cache / "ops").glob("*.so"))) == 1
+    (lib,) = (cache / "ops").glob("*.so")
+    assert _recorded(lib) == _sha256(lib)
     assert not list((cache / "ops").glob("*.tmp"))
+    assert (cache / "ops").stat().st_mode & 0o777 == 0o700
+
+
+BUILDING = "building the fused TCN kernels"
+CSRC = Path(native.__file__).resolve().parent / "csrc"
+# A library that is no kernel library: loading it runs its constructor, which leaves a file
+# behind. A cache holding it in place of the kernels shows whether it was loaded.
+FOREIGN = textwrap.dedent(
+    """
+    #include <cstdio>
+    #include <cstdlib>
+    __attribute__((constructor)) static void planted() {
+        if (const char* path = std::getenv("MILLVAE_TEST_MARKER")) {
+            if (FILE* f = std::fopen(path, "w")) { std::fputs("loaded", f); std::fclose(f); }
+        }
+    }
+    """
+)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recorded(lib: Path) -> str:
+    return lib.with_name(lib.name + ".sha256").read_text().split()[0]
+
+
+def _cached_copy(tmp_path: Path) -> tuple[Path, Path]:
+    """(a cache folder, its library): a copy of this process's cache (the `kernels` fixture's
+    build), as a child process with MILLVAE_CACHE set to it finds it, under the same key."""
+    cache = tmp_path / "cache"
+    (cache / "ops").mkdir(parents=True, mode=0o700)
+    for f in native._cache_dir().glob("millvae_tcn_ops-*.so*"):
+        shutil.copy2(f, cache / "ops" / f.name)
+    (lib,) = (cache / "ops").glob("*.so")
+    return cache, lib
+
+
+def _foreign_library(tmp_path: Path) -> Path:
+    src, lib = tmp_path / "foreign.cc", tmp_path / "foreign.so"
+    src.write_text(FOREIGN)
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True, timeout=120)
+    # the planted code does run when the library is loaded: the test below is not vacuous
+    marker = tmp_path / "marker-check"
+    env = {**os.environ, "MILLVAE_TEST_MARKER": str(marker)}
+    code = "import ctypes, sys; ctypes.CDLL(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(lib)], env=env, check=True, timeout=60)
+    assert marker.read_text() == "loaded"
+    return lib
+
+
+def _assert_rebuilt_and_working(got: dict, err: str, cache: Path, lib: Path) -> None:
+    assert err.count(BUILDING) == 1, err[-2000:]
+    assert got["ops"] and got["agree"] and got["finite"], got
+    assert list((cache / "ops").glob("*.so")) == [lib]  # the same key: rebuilt in its place
+    assert _recorded(lib) == _sha256(lib)
+
+
+@pytest.mark.slow
+def test_a_tampered_library_is_rebuilt_not_loaded(tmp_path, kernels):
+    cache, lib = _cached_copy(tmp_path)
+    size = lib.stat().st_size
+    with open(lib, "r+b") as f:  # 64 bytes overwritten in place, mid-file
+        f.seek(size // 2)
+        f.write(b"\xcc" * 64)
+    tampered = _sha256(lib)
+    got, err = _child({}, cache=cache)
+    assert "does not match its recorded sha256" in err and "not loading it" in err
+    _assert_rebuilt_and_working(got, err, cache, lib)
+    assert _sha256(lib) != tampered
+
+
+@pytest.mark.slow
+def test_a_foreign_library_in_the_cache_is_never_loaded(tmp_path, kernels):
+    cache, lib = _cached_copy(tmp_path)
+    shutil.copy(_foreign_library(tmp_path), lib)
+    marker = tmp_path / "marker"
+    got, err = _child({"MILLVAE_TEST_MARKER": str(marker)}, cache=cache)
+    assert not marker.exists(), "the foreign library was loaded"
+    assert "does not match its recorded sha256" in err
+    _assert_rebuilt_and_working(got, err, cache, lib)
+
+
+@pytest.mark.slow
+def test_a_library_without_its_recorded_sha256_is_rebuilt(tmp_path, kernels):
+    # e.g. one built by an older millvae, or a copy of the library alone
+    cache, lib = _cached_copy(tmp_path)
+    lib.with_name(lib.name + ".sha256").unlink(missing_ok=True)
+    got, err = _child({}, cache=cache)
+    assert "has no recorded sha256" in err
+    _assert_rebuilt_and_working(got, err, cache, lib)
+
+
+@pytest.mark.slow
+def test_a_changed_source_gets_a_new_key_and_its_own_build(tmp_path, kernels):
+    cache, old = _cached_copy(tmp_path)
+    csrc = tmp_path / "csrc"
+    shutil.copytree(CSRC, csrc)
+    source = csrc / "tcn_ops.cc"
+    source.write_text(source.read_text() + "\n// a changed source\n")
+    got, err = _child({}, cache=cache, args=(str(csrc),))
+    assert err.count(BUILDING) == 1, err[-2000:]
+    assert got["ops"] and got["agree"], got
+    libs = sorted((cache / "ops").glob("*.so"))
+    assert len(libs) == 2 and old in libs
+    (new,) = set(libs) - {old}
+    assert _recorded(new) == _sha256(new) and _recorded(old) == _sha256(old)
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_a_kernel_cache_writable_by_other_users_is_refused(tmp_path, kernels):
+    # there a stranger can plant a library and its matching record: neither can be trusted
+    cache, lib = _cached_copy(tmp_path)
+    shutil.copy(_foreign_library(tmp_path), lib)
+    lib.with_name(lib.name + ".sha256").write_text(f"{_sha256(lib)}  {lib.name}\n")
+    os.chmod(cache / "ops", 0o777)
+    marker = tmp_path / "marker"
+    got, err = _child({"MILLVAE_TEST_MARKER": str(marker)}, cache=cache)
+    assert not marker.exists(), "a library from a cache writable by others was loaded"
+    assert got["ops"] is False and got["finite"]  # keras-tcn's ops instead
+    assert "writable by other users" in got["why"] and f"chmod go-w {cache / 'ops'}" in got["why"]
+    assert err.count("fused TCN kernels unavailable") == 1
+    assert BUILDING not in err
+
+
+def test_the_source_digest_covers_every_file_of_the_sources(tmp_path):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(CSRC, csrc)
+    digests = [native._source_digest(csrc)]
+    assert digests[0] == native._source_digest(CSRC)
+    source = csrc / "tcn_ops.cc"
+    text = source.read_text()
+    source.write_text(text.replace(";", " ;", 1))  # one byte more
+    digests.append(native._source_digest(csrc))
+    source.write_text(text)
+    (csrc / "tcn_ops.h").write_text("#pragma once\n")  # a header joins them
+    digests.append(native._source_digest(csrc))
+    (csrc / "tcn_ops.h").rename(csrc / "other.h")  # the same bytes under another name
+    digests.append(native._source_digest(csrc))
+    assert len(set(digests)) == 4
+
+
+def test_only_an_unaltered_private_library_passes_its_check(tmp_path):
+    lib = tmp_path / "millvae_tcn_ops-k.so"
+    record = tmp_path / "millvae_tcn_ops-k.so.sha256"
+    lib.write_bytes(b"\x7fELF" + bytes(range(256)) * 8)
+    os.chmod(lib, 0o755)
+    assert native._open_verified(tmp_path / "absent.so") == (None, "")
+    assert native._open_verified(lib)[1].startswith("has no recorded sha256")
+    record.write_text(f"{_sha256(lib)}  {lib.name}\n")
+    fd, why = native._open_verified(lib)
+    assert fd is not None and why == ""
+    os.close(fd)
+    os.chmod(lib, 0o775)
+    assert native._open_verified(lib)[1] == "is writable by other users (mode 775)"
+    os.chmod(lib, 0o755)
+    with open(lib, "ab") as f:
+        f.write(b"\0")
+    assert "does not match its recorded sha256" in native._open_verified(lib)[1]
+    link = tmp_path / "millvae_tcn_ops-l.so"
+    link.symlink_to(lib)
+    tmp_path.joinpath(link.name + ".sha256").write_text(_sha256(lib))
+    assert native._open_verified(link)[1].startswith("cannot be opened")
