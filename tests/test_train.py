@@ -229,3 +229,28 @@ def test_each_epoch_of_the_repeated_training_pipeline_is_one_fresh_permutation()
     assert np.array_equal(
         np.concatenate([next(again).numpy() for _ in range(3)])[:, 0, 0] // 2, epochs[0]
     )
+
+
+@pytest.mark.slow
+def test_a_three_epoch_fit_has_finite_validation_loss_and_scores(tracking, synthetic_mat):
+    """Issue 22: with epochs=3, 3 of 4 search trials failed on an inf/NaN validation loss, the
+    BatchNorm moving statistics still near their initial values and weights long gone."""
+    cfg = make_config(
+        data=str(synthetic_mat),
+        split="case",
+        epochs=3,
+        conv_layers=3,
+        start_filter_no=17,
+        kernel_size=2,
+        dilations="1,2,4,8",
+        final_activation="selu",
+        codings_size=26,
+        beta=0.8,
+        bootstrap=10,
+    )
+    result = train_run(cfg, verbose=0)
+    assert np.isfinite(result.history["val_loss"]).all(), result.history["val_loss"].tolist()
+    # validated on the moving statistics, the loss is of the training loss' size, not 1e8
+    assert result.history["val_loss"].iloc[-1] < 3 * result.history["loss"].iloc[-1]
+    scores = result.evaluation.scores.select_dtypes("number")
+    assert np.isfinite(scores.to_numpy()).all()
