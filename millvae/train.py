@@ -42,7 +42,9 @@ class TrainResult:
 
 
 def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from millvae.quiet import import_tensorflow
+
+    import_tensorflow()
 
 
 def preload() -> None:
@@ -256,6 +258,27 @@ def _validation(x_val: np.ndarray, batch_size: int):
     return Validation()
 
 
+def _quiet_first_step():
+    """A callback that filters fd 2 during the first training step only, when TensorFlow's
+    graph passes print oneDNN's DT_INT32 notice (see `millvae.quiet`)."""
+    import keras
+
+    from millvae.quiet import StderrFilter
+
+    class QuietFirstStep(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.filter = StderrFilter()
+
+        def on_train_begin(self, logs=None):
+            self.filter.start()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.filter.stop()
+
+    return QuietFirstStep()
+
+
 def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
     """Build and train the β-VAE on healthy training windows; early stop on healthy validation."""
     _quiet_tensorflow()
@@ -281,15 +304,24 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         verbose=0,
     )
     train_data = _train_dataset(x_train, cfg.batch_size, cfg.seed)
+    quiet = _quiet_first_step()
     t0 = time.perf_counter()
-    hist = model.fit(
-        train_data,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch(len(x_train), cfg.batch_size),
-        # first: the others read its val_* logs
-        callbacks=[_validation(x_val, cfg.batch_size), stopper, *(callbacks or [])],
-        verbose=verbose,
-    )
+    try:
+        hist = model.fit(
+            train_data,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch(len(x_train), cfg.batch_size),
+            callbacks=[
+                quiet,
+                _validation(x_val, cfg.batch_size),  # before the others: they read its val_* logs
+                stopper,
+                *(callbacks or []),
+            ],
+            shuffle=False,  # the dataset reshuffles itself; Keras' flag only warns on a dataset
+            verbose=verbose,
+        )
+    finally:
+        quiet.filter.stop()  # a first step that raises must not take fd 2 with it
     seconds = time.perf_counter() - t0
     history = pd.DataFrame(hist.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
