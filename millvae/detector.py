@@ -8,40 +8,58 @@ the score the run's metrics were computed from.
 Input (the signature is column-based): a DataFrame with one column per signal, named as in
 training (e.g. smcAC, smcDC, vib_table, vib_spindle, AE_table, AE_spindle), raw (unscaled) values,
 where each run of `window_size` consecutive rows is one window; optional columns DOC, feed and
-material give the cutting condition and must be constant within a window.
+material give the cutting condition and must be constant within a window. Signal values must be
+finite and within `signal_ranges(config)`: the training range widened by `RANGE_SPANS` (100) times
+its width on each side; farther out a value is no reading of the machine and overflows the
+float32 model.
 
 Output: one row per window with
 
     mse, kl                  reconstruction error and KL divergence from the prior
     mse_cond, kl_cond        the same relative to healthy windows of the window's condition (NaN
-                             when no condition is given)
+                             in process, null when served, when no condition is given)
     mse_<signal>             reconstruction error per signal
-    score, threshold         the decision score (named in `decision`) and its validation threshold
-    decision                 e.g. "kl_cond", or "kl (no condition given)" when the decision score is
-                             condition-aware and the input has no condition columns
+    score, score_name        the score decided on and its name ("kl_cond", or "kl" without a
+                             condition when the decision score is condition-aware)
+    threshold                its validation threshold
+    decision                 e.g. "kl_cond", or "kl (no condition given)"
     is_anomaly               score >= threshold
+    warning                  None, or one line: decided on the raw score because no condition
+                             was given, or the window's condition was never seen healthy
 
 Ways to call it:
 - `mlflow.pyfunc.load_model(uri).predict(df)` with the DataFrame above; `mlflow models serve`
   takes the same as a `dataframe_split` JSON body. MLflow 3.17 enforces the column signature
   before the model runs: it refuses a NumPy array (a 3-D array cannot become a DataFrame, a 2-D
   one lacks the column names), reports missing signal columns itself ("Model is missing inputs
-  [...]"), and drops columns the signature does not name (with a warning).
+  [...]"), drops columns the signature does not name (with a warning) and converts what it can to
+  double (true, "1.5"), so the model never sees those.
 - `loaded.unwrap_python_model().predict(None, x)` or `score_raw(keras_model, config, x)` in process:
   x may also be an array [n, window, signal] or [window, signal] of raw values (optionally with
   `conditions`, one row per window, for `score_raw`).
-Bad input (wrong columns, shape, row count, NaN/inf, a condition that varies within a window) raises
-a one-line error: MillvaeError from `score_raw`, MlflowException (INVALID_PARAMETER_VALUE) from
-`predict`. Behind `mlflow models serve` that is HTTP 400 with a JSON body whose `message` ends in
-the line "Error: <the one-line message>" (the server puts a dump of the data it got before it).
+Bad input (wrong columns, shape, row count, NaN/inf, out of range, a condition that varies within a
+window) raises a one-line error: MillvaeError from `score_raw`, MlflowException
+(INVALID_PARAMETER_VALUE) from `predict`.
+
+Served (`mlflow models serve`), `load_context` also wraps MLflow's /invocations endpoint
+(`_install_request_guard`): a body over $MILLVAE_MAX_BODY_BYTES (16 MiB) is answered 413 before it
+is read (on its Content-Length, or as soon as a chunked body passes it); every error, MLflow's own
+parsing and schema errors included, keeps its status (400 for bad input) and gets a JSON `message`
+of one line (MLflow put a dump of the data, the schema or a stack trace in it); a request over
+$MILLVAE_MAX_WINDOWS (1024) windows is refused before it is scored; and missing values are null,
+not the bare NaN that MLflow writes and strict JSON parsers refuse.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -54,12 +72,17 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, ErrorCode
 
 import millvae
 from millvae.errors import MillvaeError
 from millvae.prep import MinMaxScaler
-from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
+from millvae.scoring import (
+    CONDITION_COLUMNS,
+    ConditionNormalizer,
+    condition_keys,
+    window_scores,
+)
 
 __all__ = [
     "MillDetector",
@@ -72,6 +95,17 @@ __all__ = [
 
 CONFIG_FORMAT = "millvae-detector/1"
 DECISION_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
+# Limits of a served request (`mlflow models serve`), read from the environment at model load.
+# 16 MiB holds 1,400 (float64 digits) to 2,300 (float32 digits) windows of 64 rows x 9 columns.
+MAX_BODY_ENV, MAX_BODY_BYTES = "MILLVAE_MAX_BODY_BYTES", 16 * 1024 * 1024
+MAX_WINDOWS_ENV, MAX_WINDOWS = "MILLVAE_MAX_WINDOWS", 1024
+# A signal value may lie this many training ranges (max - min) below the training minimum or above
+# the maximum. Farther out it is no reading of this machine (a unit or sensor fault) and overflows
+# the float32 model: 1e300 became inf and NaN scores.
+RANGE_SPANS = 100
+# MLflow 3.17's scoring server, imported by the uvicorn worker that `mlflow models serve` starts;
+# it loads the model while this module is being imported
+SCORING_APP_MODULE = "mlflow.pyfunc.scoring_server.app"
 KERAS_FILE = "vae.keras"
 CONFIG_FILE = "detector.json"
 # MLflow's models-from-code entry point (no pickle of the Python model; MLflow recommends it)
@@ -93,6 +127,8 @@ REQUIREMENTS = (
     "scikit-learn",
     "mlflow",
 )
+
+_logger = logging.getLogger(__name__)
 
 
 def detector_config(
@@ -161,7 +197,10 @@ def _fmt(values) -> str:
     return ", ".join(map(str, values)) if len(values) else "none"
 
 
-def _finite_or_raise(values: np.ndarray, what: str, window_size: int, by_row: bool) -> None:
+def _finite_or_raise(
+    values: np.ndarray, what: str, window_size: int, by_row: bool, names: list[str]
+) -> None:
+    """values [rows, column] (by_row) or [n, window, signal]; names: the last axis."""
     bad = ~np.isfinite(values)
     if not bad.any():
         return
@@ -172,13 +211,54 @@ def _finite_or_raise(values: np.ndarray, what: str, window_size: int, by_row: bo
         where = f"window {first[0]}, sample {first[1]}"
     raise MillvaeError(
         f"input: expected finite numbers; found {int(bad.sum())} NaN/inf value(s) in {what}, the "
-        f"first at {where}"
+        f"first at {where}, {names[first[-1]]} = {values[tuple(first)]}"
     )
 
 
+def signal_ranges(config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The raw values each signal may take: the training range widened by `RANGE_SPANS` ranges."""
+    scaler = config["scaler"]
+    low, high = np.asarray(scaler["min"], dtype=float), np.asarray(scaler["max"], dtype=float)
+    span = np.where(high > low, high - low, 1.0)  # a constant signal scales by 1, as MinMaxScaler
+    return low - RANGE_SPANS * span, high + RANGE_SPANS * span
+
+
+def _in_range_or_raise(values: np.ndarray, config: dict, by_row: bool) -> None:
+    """values: finite [rows, signal] (by_row) or [n, window, signal], in the config's order."""
+    low, high = signal_ranges(config)
+    bad = (values < low) | (values > high)
+    if not bad.any():
+        return
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    j, window_size = first[-1], int(config["window_size"])
+    name = config["signal_names"][j]
+    where = (
+        f"row {first[0]} (window {first[0] // window_size})"
+        if by_row
+        else f"window {first[0]}, sample {first[1]}"
+    )
+    scaler = config["scaler"]
+    raise MillvaeError(
+        f"input: expected {name} within [{low[j]:.6g}, {high[j]:.6g}] (its training range "
+        f"[{scaler['min'][j]:.6g}, {scaler['max'][j]:.6g}] widened {RANGE_SPANS} times its width "
+        f"each way); got {values[first]:.6g} at {where}, {int(bad.sum())} value(s) out of range"
+    )
+
+
+def _too_many(got: int, unit: str, max_windows: int | None, window_size: int) -> None:
+    limit = None if max_windows is None else max_windows * (window_size if unit == "rows" else 1)
+    if limit is not None and got > limit:
+        raise MillvaeError(
+            f"input: expected at most {max_windows} windows ({max_windows * window_size} rows) "
+            f"per request (the server's {MAX_WINDOWS_ENV}); got {got} {unit}"
+        )
+
+
 def _windows_from_frame(
-    df: pd.DataFrame, signals: list[str], window_size: int
+    df: pd.DataFrame, config: dict, max_windows: int | None
 ) -> tuple[np.ndarray, pd.DataFrame | None]:
+    signals, window_size = list(config["signal_names"]), int(config["window_size"])
+    _too_many(len(df), "rows", max_windows, window_size)  # before any copy of the data
     columns = [str(c) for c in df.columns]
     if len(set(columns)) < len(columns):
         twice = sorted({c for c in columns if columns.count(c) > 1})
@@ -198,7 +278,8 @@ def _windows_from_frame(
             f"rows form one window); got {n_rows} rows"
         )
     values = _numeric(df, signals)
-    _finite_or_raise(values, "the signal columns", window_size, by_row=True)
+    _finite_or_raise(values, "the signal columns", window_size, True, signals)
+    _in_range_or_raise(values, config, by_row=True)
     raw = values.reshape(n_rows // window_size, window_size, len(signals))
 
     given = [c for c in CONDITION_COLUMNS if c in columns]
@@ -211,7 +292,7 @@ def _windows_from_frame(
             f"got {', '.join(given)} without {', '.join(absent)}"
         )
     cond = _numeric(df, list(CONDITION_COLUMNS))
-    _finite_or_raise(cond, "the condition columns", window_size, by_row=True)
+    _finite_or_raise(cond, "the condition columns", window_size, True, list(CONDITION_COLUMNS))
     per_window = cond.reshape(-1, window_size, len(CONDITION_COLUMNS))
     varies = (per_window != per_window[:, :1, :]).any(axis=1)
     if varies.any():
@@ -238,8 +319,9 @@ def _numeric(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
 
 
 def _windows_from_array(
-    arr: np.ndarray, signals: list[str], window_size: int
+    arr: np.ndarray, config: dict, max_windows: int | None
 ) -> tuple[np.ndarray, None]:
+    signals, window_size = list(config["signal_names"]), int(config["window_size"])
     expected = f"[n, {window_size}, {len(signals)}] or [{window_size}, {len(signals)}]"
     shape = tuple(arr.shape)
     if arr.ndim == 2 and shape == (window_size, len(signals)):
@@ -249,10 +331,12 @@ def _windows_from_array(
             f"input: expected an array {expected} (signals {', '.join(signals)}); got shape "
             f"{list(shape)}"
         )
+    _too_many(len(arr), "windows", max_windows, window_size)
     if not (np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.bool_)):
         raise MillvaeError(f"input: expected an array of numbers; got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
-    _finite_or_raise(arr, "the array", window_size, by_row=False)
+    _finite_or_raise(arr, "the array", window_size, False, signals)
+    _in_range_or_raise(arr, config, by_row=False)
     return arr, None
 
 
@@ -275,9 +359,16 @@ def _check_conditions(conditions: Any, n_windows: int) -> pd.DataFrame:
 
 
 def raw_windows(
-    raw: Any, config: dict, conditions: pd.DataFrame | None = None
+    raw: Any,
+    config: dict,
+    conditions: pd.DataFrame | None = None,
+    max_windows: int | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame | None]:
-    """Validate an input and return raw windows [n, window, signal] and the conditions (or None)."""
+    """Validate an input and return raw windows [n, window, signal] and the conditions (or None).
+
+    Signal values must be finite and within `signal_ranges(config)`; `max_windows` (None: no
+    limit) caps the windows of one input, checked before the data is converted.
+    """
     signals, window_size = list(config["signal_names"]), int(config["window_size"])
     if isinstance(raw, pd.DataFrame):
         if conditions is not None:
@@ -285,9 +376,9 @@ def raw_windows(
                 "conditions: expected them as DOC, feed, material columns of the input DataFrame; "
                 "got a separate conditions argument too"
             )
-        return _windows_from_frame(raw, signals, window_size)
+        return _windows_from_frame(raw, config, max_windows)
     if isinstance(raw, np.ndarray | list):
-        arr, _ = _windows_from_array(np.asarray(raw), signals, window_size)
+        arr, _ = _windows_from_array(np.asarray(raw), config, max_windows)
         cond = None if conditions is None else _check_conditions(conditions, len(arr))
         return arr, cond
     raise MillvaeError(
@@ -297,25 +388,31 @@ def raw_windows(
 
 
 def score_raw(
-    keras_model: Any, config: dict, raw: Any, conditions: pd.DataFrame | None = None
+    keras_model: Any,
+    config: dict,
+    raw: Any,
+    conditions: pd.DataFrame | None = None,
+    max_windows: int | None = None,
 ) -> pd.DataFrame:
     """Scores and decisions for raw windows (see the module docstring for inputs and columns).
 
     Scales with the stored scaler, then `window_scores` and `ConditionNormalizer.transform`: the
-    same path as the training run's evaluation.
+    same path as the training run's evaluation. Every score is finite, or it raises; only mse_cond
+    and kl_cond are NaN, when no condition is given.
     """
-    windows, cond = raw_windows(raw, config, conditions)
+    windows, cond = raw_windows(raw, config, conditions, max_windows)
     signals = list(config["signal_names"])
     scaler = MinMaxScaler.from_dict(config["scaler"])
     # training scaled float32 windows in float32; doing the same keeps scores identical
     x = scaler.transform(windows.astype(np.float32))
-    scores = window_scores(
-        keras_model,
-        x,
-        signals,
-        samples=int(config.get("score_samples", 0)),
-        seed=int(config.get("score_seed", 0)),
-    )
+    with np.errstate(over="ignore"):  # an overflow is reported below, with its window
+        scores = window_scores(
+            keras_model,
+            x,
+            signals,
+            samples=int(config.get("score_samples", 0)),
+            seed=int(config.get("score_seed", 0)),
+        )
     normalizer = ConditionNormalizer.from_dict(config["normalizer"])
     cond_scores = normalizer.transform(scores, cond)
 
@@ -324,30 +421,67 @@ def score_raw(
         out[name] = cond_scores[name] if name in cond_scores else np.nan
     for s in signals:
         out[f"mse_{s}"] = scores[f"mse_{s}"]
+    computed = [c for c in out.columns if cond is not None or not c.endswith("_cond")]
+    bad = ~np.isfinite(out[computed].to_numpy(dtype=float))
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        names = [c for c, b in zip(computed, bad.any(axis=0), strict=True) if b]
+        raise MillvaeError(
+            f"model: expected finite scores; got NaN/inf {', '.join(names)} for {len(rows)} of "
+            f"{len(out)} windows, the first window {rows[0]} (its inputs are within the allowed "
+            "ranges: the model overflows on them or is broken)"
+        )
 
     decision = str(config["decision_score"])
     thresholds = config["thresholds"]
-    used = decision
+    used, label, warning = decision, decision, None
     if decision.endswith("_cond") and cond is None:
         used = _raw_name(decision)
         label = f"{used} (no condition given)"
-    else:
-        label = decision
-    score = out[used].to_numpy(dtype=float)
-    if np.isnan(score).any():
-        raise MillvaeError(
-            f"model: expected finite {used} scores; got NaN for "
-            f"{int(np.isnan(score).sum())} of {len(score)} windows (a broken model?)"
+        # the fallback changes score and threshold: each row says so, served JSON included
+        warning = (
+            f"no condition columns ({', '.join(CONDITION_COLUMNS)}): decided on {used} against "
+            f"its threshold {float(thresholds[used]):.6g} instead of the model's decision score "
+            f"{decision} (threshold {float(thresholds[decision]):.6g}); send the condition "
+            "columns for condition-aware decisions"
         )
+    score = out[used].to_numpy(dtype=float)
     out["score"] = score
+    out["score_name"] = used
     out["threshold"] = float(thresholds[used])
     out["decision"] = label
     out["is_anomaly"] = score >= float(thresholds[used])
+    warnings = [warning] * len(out)
+    if decision.endswith("_cond") and cond is not None:
+        warnings = _unseen_condition_warnings(normalizer, _raw_name(decision), cond)
+    # object, not pandas' string dtype, which would turn None into NaN
+    out["warning"] = pd.Series(warnings, index=out.index, dtype=object)
     return out
 
 
+def _unseen_condition_warnings(
+    normalizer: ConditionNormalizer, raw_score: str, cond: pd.DataFrame
+) -> list[str | None]:
+    """A warning for each window whose condition the normalizer never saw healthy, else None."""
+    known = normalizer.stats[raw_score]
+    return [
+        None
+        if key in known
+        else (
+            f"condition {key} (DOC|feed|material) was not seen healthy in training: "
+            f"{raw_score}_cond compares the window with all healthy windows"
+        )
+        for key in condition_keys(cond)
+    ]
+
+
 class MillDetector(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper: artifacts `keras_model` (.keras) and `config` (JSON of `detector_config`)."""
+    """Pyfunc wrapper: artifacts `keras_model` (.keras) and `config` (JSON of `detector_config`).
+
+    Loaded by MLflow's scoring server (`mlflow models serve`) it also limits requests: the body
+    to $MILLVAE_MAX_BODY_BYTES, the windows to $MILLVAE_MAX_WINDOWS; errors are one line and
+    scores that are not computed are None (JSON null, not the bare NaN strict parsers refuse).
+    """
 
     def load_context(self, context: Any) -> None:
         # importing millvae.model registers BetaVAE (and keras-tcn's TCN) with Keras
@@ -358,6 +492,11 @@ class MillDetector(mlflow.pyfunc.PythonModel):
         millvae.model.warm_keras_saving()
         with open(context.artifacts["config"], encoding="utf-8") as f:
             self.config = json.load(f)
+        # no limit in process: the caller owns its data; a server takes anyone's
+        self.served = SCORING_APP_MODULE in sys.modules
+        self.max_windows = _env_limit(MAX_WINDOWS_ENV, MAX_WINDOWS) if self.served else None
+        if self.served:
+            _install_request_guard(_env_limit(MAX_BODY_ENV, MAX_BODY_BYTES), self.config)
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
 
     # MLflow 3 reads the hint of model_input: pd.DataFrame means "no schema from hints" (the
@@ -370,9 +509,156 @@ class MillDetector(mlflow.pyfunc.PythonModel):
         model_input: the DataFrame of the signature or, in process, an array [n, window, signal].
         """
         try:
-            return score_raw(self.keras_model, self.config, model_input)
+            out = score_raw(
+                self.keras_model,
+                self.config,
+                model_input,
+                max_windows=getattr(self, "max_windows", None),
+            )
         except MillvaeError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+            error = MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE)
+            # MLflow's server rewrites .message to put a dump of the data ahead; the guard
+            # answers with this line instead
+            error.millvae_message = str(exc)
+            raise error from None
+        if getattr(self, "served", False):
+            # MLflow writes NaN as a bare NaN token, which strict JSON parsers refuse; None
+            # becomes null (only mse_cond and kl_cond can be missing, and warning)
+            for c in out.columns:
+                if out[c].isna().any():
+                    out[c] = out[c].astype(object).where(out[c].notna(), None)
+        return out
+
+
+def _env_limit(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise MillvaeError(f"{name}: expected a whole number >= 1; got {raw!r}")
+    return int(raw)
+
+
+def _install_request_guard(max_body_bytes: int, config: dict) -> bool:
+    """Put `_guard_invocations` around the /invocations endpoint of the server being built.
+
+    MLflow 3.17 exposes no body limit (uvicorn has none either) and reads the whole body before
+    the model sees it. Its app module loads the model first and then builds the app, applying
+    `scoring_server._async_catch_mlflow_exception` to the endpoint, so a wrapper set here lands
+    inside it. Returns False, with a warning, where that function is missing (another MLflow):
+    the window limit of `predict` still holds there.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    catch = getattr(scoring_server, "_async_catch_mlflow_exception", None)
+    if catch is None:
+        _logger.warning(
+            "millvae: this MLflow's scoring server has no _async_catch_mlflow_exception; request "
+            "bodies are not limited and errors keep MLflow's form"
+        )
+        return False
+    if getattr(catch, "millvae_guard", False):  # a second load in the same worker
+        return True
+
+    def catch_guarded(endpoint: Any) -> Any:
+        return catch(_guard_invocations(endpoint, max_body_bytes, config))
+
+    catch_guarded.millvae_guard = True
+    scoring_server._async_catch_mlflow_exception = catch_guarded
+    _logger.info("millvae: request bodies limited to %d bytes", max_body_bytes)
+    return True
+
+
+def _guard_invocations(endpoint: Any, max_body_bytes: int, config: dict) -> Any:
+    """The endpoint with a body limit (HTTP 413) and one-line errors (no data dump, no trace)."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    def too_large(got: str) -> Response:
+        message = (
+            f"request: expected a body of at most {max_body_bytes} bytes (the server's "
+            f"{MAX_BODY_ENV}); got {got}"
+        )
+        content = json.dumps({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message})
+        return Response(content, status_code=413, media_type="application/json")
+
+    @functools.wraps(endpoint)  # FastAPI reads the endpoint's signature through __wrapped__
+    async def guarded(request: Any) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            return too_large(f"Content-Length {declared}")  # nothing of it read
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body: stop reading past the limit
+            size += len(chunk)
+            if size > max_body_bytes:
+                return too_large(f"a longer body (stopped reading at {size} bytes)")
+            chunks.append(chunk)
+        body, replayed = b"".join(chunks), False
+
+        async def receive() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await request.receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            return await endpoint(Request(request.scope, receive))
+        except MlflowException as exc:
+            line = _one_line(exc, config)
+            _logger.info("millvae: refused a request: %s", line)
+            # error_code is the code's name here; the constructor takes its number
+            known = exc.error_code in ErrorCode.keys()
+            code = ErrorCode.Value(exc.error_code) if known else BAD_REQUEST
+            raise MlflowException(line, error_code=code) from None
+
+    return guarded
+
+
+_MISSING_INPUTS = re.compile(r"Model is missing inputs \[(.*?)\]")
+_JSON_ERROR = re.compile(r"JSONDecodeError\('(.*?)'\)")
+_NOT_CONVERTED = re.compile(r"Failed to convert column (.+?) to type '\w+'\. Error: '\w+\((.*)\)'")
+_FORMAT_KEYS = "dataframe_split, dataframe_records, inputs or instances"
+
+
+def _one_line(exc: MlflowException, config: dict) -> str:
+    """One line for an error of the scoring server: ours as raised, MLflow's without its dumps."""
+    own = getattr(exc, "millvae_message", None)
+    if own:
+        return own
+    text = str(exc.message)
+    # MLflow puts the data it got (a DataFrame repr), then the schema, ahead of the reason
+    if text.startswith("Failed to predict data '") and "'. \nError: " in text:
+        text = text.rpartition("'. \nError: ")[2]
+    if text.startswith("Failed to enforce schema of data '") and "' with schema '" in text:
+        text = text.partition("' with schema '")[2].partition("'. Error: ")[2] or text
+    if missing := _MISSING_INPUTS.search(text):
+        return (
+            f"input: expected columns {', '.join(config['signal_names'])} (optionally "
+            f"{', '.join(CONDITION_COLUMNS)}); missing {missing.group(1).replace(chr(39), '')}"
+        )
+    if failed := _NOT_CONVERTED.search(text):
+        column, reason = failed.group(1), failed.group(2)
+        if len(reason) > 1 and reason[0] == reason[-1] and reason[0] in "'\"":
+            reason = reason[1:-1]  # the repr's quotes
+        return f"input: expected numbers in column {column!r}; got something else ({reason})"
+    if "'DataFrame' object has no attribute 'dtype'" in text:
+        # MLflow's schema check picks a column by name; a name given twice picks a DataFrame
+        return "input: expected each column once; got a column name twice"
+    if text.startswith("Failed to parse input as a Pandas DataFrame"):  # CSV or Parquet
+        reason = text.partition(" Error: ")[2].strip().removeprefix("'").removesuffix("'")
+        return f"request: expected a table pandas reads as numbers; got an error ({reason})"
+    if "Ensure that input is a valid JSON formatted string" in text:
+        found = _JSON_ERROR.search(text)
+        reason = found.group(1) if found else "not parsed"
+        return f"request: expected a JSON object; got invalid JSON ({reason})"
+    if "The input must be a JSON dictionary with exactly one of the input fields" in text:
+        got = text.partition(". Received ")[2].partition(". IMPORTANT:")[0].rstrip(".")
+        got = got or "something else"
+        return f"request: expected a JSON object with exactly one of {_FORMAT_KEYS}; got {got}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = f"request: {lines[0].removeprefix('Invalid input. ')}" if lines else "request: refused"
+    return line if len(line) <= 400 else line[:397] + "..."
 
 
 def pip_requirements() -> list[str]:
@@ -397,8 +683,10 @@ def _signature(config: dict):
     )
     score_cols = ["mse", "kl", "mse_cond", "kl_cond", *[f"mse_{s}" for s in signals]]
     outputs = Schema(
-        [ColSpec("double", c) for c in [*score_cols, "score", "threshold"]]
+        [ColSpec("double", c) for c in [*score_cols, "score"]]
+        + [ColSpec("string", "score_name"), ColSpec("double", "threshold")]
         + [ColSpec("string", "decision"), ColSpec("boolean", "is_anomaly")]
+        + [ColSpec("string", "warning", required=False)]
     )
     return ModelSignature(inputs=inputs, outputs=outputs)
 

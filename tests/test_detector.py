@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -19,7 +20,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from millvae.detector import detector_config, log_detector, score_raw
+from millvae.detector import (
+    MAX_BODY_BYTES,
+    detector_config,
+    log_detector,
+    score_raw,
+    signal_ranges,
+)
 from millvae.errors import MillvaeError
 from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 
@@ -150,9 +157,16 @@ def test_decision_uses_its_threshold_and_falls_back_without_a_condition(trained)
     assert with_cond["is_anomaly"].tolist() == (kl_cond >= at_cond).tolist()
     assert with_cond["is_anomaly"].sum() == 20
 
+    assert (with_cond["score_name"] == "kl_cond").all() and with_cond["warning"].isna().all()
     without = score_raw(t.model, config, t.raw)
     assert without["kl_cond"].isna().all() and without["mse_cond"].isna().all()
     assert (without["decision"] == "kl (no condition given)").all()
+    # the fallback is named in every row: which score, against which threshold, and why
+    assert (without["score_name"] == "kl").all()
+    assert without["warning"].nunique() == 1
+    warning = without["warning"].iloc[0]
+    assert warning.startswith("no condition columns (DOC, feed, material): decided on kl against")
+    assert f"{at_kl:.6g}" in warning and f"kl_cond (threshold {at_cond:.6g})" in warning
     np.testing.assert_array_equal(without["score"], without["kl"])
     assert (without["threshold"] == config["thresholds"]["kl"]).all()
     assert without["is_anomaly"].tolist() == (without["kl"] >= config["thresholds"]["kl"]).tolist()
@@ -160,48 +174,123 @@ def test_decision_uses_its_threshold_and_falls_back_without_a_condition(trained)
 
     raw_decision = {**t.config, "decision_score": "mse"}
     out = score_raw(t.model, raw_decision, t.raw, conditions=t.conditions)
-    assert (out["decision"] == "mse").all()
+    assert (out["decision"] == "mse").all() and (out["score_name"] == "mse").all()
     assert out["is_anomaly"].tolist() == (out["mse"] >= t.config["thresholds"]["mse"]).tolist()
+    assert out["warning"].isna().all()
+
+    # a condition the normalizer never saw healthy: scored against all healthy windows, said so
+    unseen = t.conditions.copy()
+    unseen.loc[2, "DOC"] = 9.0
+    flagged = score_raw(t.model, t.config, t.raw, conditions=unseen)["warning"]
+    assert flagged.notna().tolist() == [i == 2 for i in range(len(flagged))]
+    assert flagged.iloc[2].startswith("condition 9|")
 
 
-def _bad_inputs(t: Trained) -> list[tuple[str, object, str]]:
+def _bad_input(t: Trained, label: str) -> tuple[object, str, int | None]:
+    """One bad input by label: (input, expected part of the message, max_windows)."""
     df = as_frame(t.raw[:3], t.signals, t.conditions.iloc[:3])
-    nan = df.copy()
-    nan.iloc[70, 2] = np.nan
-    inf = t.raw[:3].copy()
-    inf[1, 5, 0] = np.inf
-    varying = df.copy()
-    varying.loc[10, "DOC"] = 99.0
-    text = df.copy().astype({"smcAC": object})
-    text.loc[5, "smcAC"] = "oops"
-    return [
-        ("missing column", df.drop(columns="smcDC"), "missing smcDC; unknown none"),
-        (
-            "misspelled column",
-            df.rename(columns={"smcDC": "smcdc"}),
-            "missing smcDC; unknown smcdc",
-        ),
-        ("rows", df.iloc[:100], "expected a multiple of 64 rows"),
-        ("no rows", df.iloc[:0], "got 0 rows"),
-        ("window length", t.raw[:, :32], "expected an array [n, 64, 6] or [64, 6]"),
-        ("signal count", t.raw[:, :, :5], "got shape [40, 64, 5]"),
-        ("flat array", t.raw.reshape(-1, 6), "got shape [2560, 6]"),
-        ("NaN", nan, "1 NaN/inf value(s) in the signal columns, the first at row 70 (window 1)"),
-        ("inf", inf, "1 NaN/inf value(s) in the array, the first at window 1, sample 5"),
-        ("condition varies", varying, "expected DOC constant within each window"),
-        ("partial condition", df.drop(columns=["feed", "material"]), "or none; got DOC without"),
-        ("text", text, "expected numbers in column 'smcAC'; got 'oops'"),
-        ("type", {"smcAC": [1.0]}, "got dict"),
-    ]
+    low, high = signal_ranges(t.config)
+    if label == "missing column":
+        return df.drop(columns="smcDC"), "missing smcDC; unknown none", None
+    if label == "misspelled column":
+        return df.rename(columns={"smcDC": "smcdc"}), "missing smcDC; unknown smcdc", None
+    if label == "rows":
+        return df.iloc[:100], "expected a multiple of 64 rows", None
+    if label == "no rows":
+        return df.iloc[:0], "got 0 rows", None
+    if label == "window length":
+        return t.raw[:, :32], "expected an array [n, 64, 6] or [64, 6]", None
+    if label == "signal count":
+        return t.raw[:, :, :5], "got shape [40, 64, 5]", None
+    if label == "flat array":
+        return t.raw.reshape(-1, 6), "got shape [2560, 6]", None
+    if label == "NaN":
+        bad = df.copy()
+        bad.iloc[70, 2] = np.nan
+        return bad, "1 NaN/inf value(s) in the signal columns, the first at row 70 (window 1)", None
+    if label == "inf":
+        bad = t.raw[:3].copy()
+        bad[1, 5, 0] = np.inf
+        return bad, "1 NaN/inf value(s) in the array, the first at window 1, sample 5", None
+    if label == "1e300":  # finite, but inf in float32: it gave NaN scores ("a broken model?")
+        bad = df.copy()
+        bad.loc[70, "vib_table"] = 1e300
+        return bad, f"expected vib_table within [{low[2]:.6g}, {high[2]:.6g}]", None
+    if label == "-1e300 in an array":
+        bad = t.raw[:3].astype(np.float64)  # float32 windows would hold -inf
+        bad[2, 7, 4] = -1e300
+        return bad, "got -1e+300 at window 2, sample 7, 1 value(s) out of range", None
+    if label == "just above the range":
+        bad = df.copy()
+        bad.loc[3, "smcAC"] = float(np.nextafter(high[0], np.inf))
+        return bad, "expected smcAC within", None
+    if label == "condition varies":
+        bad = df.copy()
+        bad.loc[10, "DOC"] = 99.0
+        return bad, "expected DOC constant within each window", None
+    if label == "partial condition":
+        return df.drop(columns=["feed", "material"]), "or none; got DOC without", None
+    if label == "text":
+        bad = df.copy().astype({"smcAC": object})
+        bad.loc[5, "smcAC"] = "oops"
+        return bad, "expected numbers in column 'smcAC'; got 'oops'", None
+    if label == "type":
+        return {"smcAC": [1.0]}, "got dict", None
+    if label == "too many windows (frame)":
+        return df, "expected at most 2 windows (128 rows) per request", 2
+    if label == "too many windows (array)":
+        return t.raw, "expected at most 39 windows (2496 rows) per request", 39
+    raise AssertionError(label)
 
 
-def test_bad_inputs_give_one_line_errors(trained):
-    for label, bad, expected in _bad_inputs(trained):
-        with pytest.raises(MillvaeError) as err:
-            score_raw(trained.model, trained.config, bad)
-        message = str(err.value)
-        assert expected in message, (label, message)
-        assert "\n" not in message, label
+BAD_INPUTS = [
+    "missing column",
+    "misspelled column",
+    "rows",
+    "no rows",
+    "window length",
+    "signal count",
+    "flat array",
+    "NaN",
+    "inf",
+    "1e300",
+    "-1e300 in an array",
+    "just above the range",
+    "condition varies",
+    "partial condition",
+    "text",
+    "type",
+    "too many windows (frame)",
+    "too many windows (array)",
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("label", BAD_INPUTS)
+def test_bad_inputs_give_one_line_errors(trained, label):
+    bad, expected, max_windows = _bad_input(trained, label)
+    limit = {} if max_windows is None else {"max_windows": max_windows}
+    with pytest.raises(MillvaeError) as err:
+        score_raw(trained.model, trained.config, bad, **limit)
+    message = str(err.value)
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_values_far_outside_the_training_range_are_still_scored(trained):
+    # the range refuses no reading of the machine: 99 training ranges out is an alarm, not an error
+    t = trained
+    low, high = signal_ranges(t.config)
+    assert np.allclose(
+        high - low, 201 * (np.asarray(t.config["scaler"]["max"]) - t.config["scaler"]["min"])
+    )
+    far = t.raw[:2].copy()
+    far[0, 10, 1] = high[1]  # the limit itself is allowed
+    span = np.asarray(t.config["scaler"]["max"]) - t.config["scaler"]["min"]
+    far[1, :, 3] = t.config["scaler"]["max"][3] + 20 * span[3]
+    out = score_raw(t.model, t.config, far)
+    assert np.isfinite(out[["mse", "kl", "score"]].to_numpy()).all()
+    assert out["is_anomaly"].all()
 
 
 def test_detector_config_refuses_what_it_cannot_serve(trained):
@@ -268,23 +357,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def strict_json(text: str | bytes) -> object:
+    """json.loads as strict parsers read JSON: the NaN and Infinity tokens are refused."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: a bare {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     data = json.dumps(body).encode()
     request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+            return response.status, strict_json(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        return exc.code, strict_json(exc.read())
 
 
 def _assert_same(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     assert list(got.columns) == list(expected.columns)
-    numeric = [c for c in expected.columns if c not in ("decision", "is_anomaly")]
+    text = ["score_name", "decision", "warning"]
+    numeric = [c for c in expected.columns if c not in (*text, "is_anomaly")]
+    # None (JSON null, served) and NaN (in process) both read as NaN here
     np.testing.assert_allclose(
         got[numeric].to_numpy(dtype=float), expected[numeric].to_numpy(dtype=float), rtol=1e-6
     )
-    assert got["decision"].tolist() == expected["decision"].tolist()
+    for c in text:
+        assert got[c].fillna("-").tolist() == expected[c].fillna("-").tolist(), c
     assert got["is_anomaly"].astype(bool).tolist() == expected["is_anomaly"].tolist()
 
 
@@ -373,15 +474,36 @@ def test_logged_detector_loads_in_a_fresh_process_and_serves(trained, tracking, 
         assert status == 200, body
         _assert_same(pd.DataFrame(body["predictions"]), expected_plain.iloc[:5])
 
+        assert body["predictions"][0]["kl_cond"] is None  # not computed: null, not NaN
+
         status, body = _post(f"{base}/invocations", {"dataframe_split": bad.to_dict("split")})
         assert status == 400, body
         assert body["error_code"] == "INVALID_PARAMETER_VALUE"
-        # the server prefixes the data it got; the model's one-line message is the last line
-        assert body["message"].splitlines()[-1] == f"Error: {bad_message}"
-        assert "Traceback" not in json.dumps(body)
+        # the model's one-line message alone: no dump of the data MLflow got, no trace
+        assert body["message"] == bad_message
+        assert "stack_trace" not in body
+
+        # the default body limit: refused on the header, before the body is read
+        status, body = _declare_body(base, MAX_BODY_BYTES + 1)
+        assert status == 413 and f"at most {MAX_BODY_BYTES} bytes" in body["message"], body
     finally:
         _stop(server)
         log.close()
+
+
+def _declare_body(base: str, length: int) -> tuple[int, dict]:
+    """POST headers announcing `length` bytes and only the first 100: the answer comes first."""
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
+    try:
+        conn.putrequest("POST", "/invocations")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        conn.send(b'{"dataframe_split": {"columns": ["smcAC"], "data": [' + b"[1.0]," * 12)
+        response = conn.getresponse()
+        return response.status, strict_json(response.read())
+    finally:
+        conn.close()
 
 
 def _stop(server: subprocess.Popen) -> None:
