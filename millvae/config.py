@@ -89,14 +89,26 @@ class TrainConfig:
             out[k] = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
         return out
 
-    def run_name(self) -> str:
-        """A run name in the seed's model-naming style: the key hyperparameters at a glance."""
+    def model_name(self) -> str:
+        """The seed's model-naming style: the key hyperparameters at a glance."""
         return (
             f"bvae_beta-{self.beta:g}_cod-{self.codings_size}_lay-{self.conv_layers}"
             f"_fil-{self.start_filter_no}_ker-{self.kernel_size}"
             f"_dil-{'-'.join(map(str, self.dilations))}"
             f"_{self.final_activation}"
         )
+
+    def run_name(self, data_source: str = "") -> str:
+        """The model's name, then what else tells two runs apart in a list: split (and its
+        seed), data source once known (real / synthetic), and epochs when capped below the
+        default, e.g. ``bvae_..._sigmoid_case-s1_real_ep3``."""
+        split = self.split if self.split == "window" else f"{self.split}-s{self.split_seed}"
+        parts = [self.model_name(), split]
+        if data_source:
+            parts.append(data_source)
+        if self.epochs != TrainConfig.epochs:
+            parts.append(f"ep{self.epochs}")
+        return "_".join(parts)
 
 
 PARAM_NAMES = tuple(f.name for f in fields(TrainConfig))

@@ -14,6 +14,7 @@ import pandas as pd
 
 from millvae import metrics as M
 from millvae.data import Prepared
+from millvae.metric_groups import grouped
 from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
@@ -253,7 +254,7 @@ def evaluate_and_log(
     )
     ev.metrics.update(extra_metrics or {})
     if log_metrics:
-        mlflow.log_metrics(ev.metrics)
+        mlflow.log_metrics(grouped(ev.metrics))
     mlflow.set_tags(
         {
             "protocol": PROTOCOLS[cfg.split],

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from millvae.errors import ArgParser, MillvaeError
+from millvae.metric_groups import flat
 
 DEFAULTS = {
     "experiment": "millvae",
@@ -21,6 +22,7 @@ DEFAULTS = {
     "alias": "champion",
     "search_id": "",
     "allow_synthetic": "false",
+    "protocol": "leak-free",
 }
 DETECTOR_NAME = "detector"
 SEARCH_ID_TAG = "millvae.search_id"
@@ -44,6 +46,15 @@ _KINDS = (
 # interval (`_lo`, `_hi`) suffix; a score is one word, optionally `_cond`.
 _MAIN_METRIC = re.compile(r"^(val|test)_(ap|rocauc|prauc|f1)_[a-z0-9]+(_cond)?$")
 _ALIAS = re.compile(r"^[\w\-]+$")
+# Which runs are compared: figures of the seed's window split (windows of one cut in training and
+# test) are not comparable with those of whole held-out tools or cuts.
+PROTOCOLS = {
+    "leak-free": ("case", "cut"),
+    "case": ("case",),
+    "cut": ("cut",),
+    "window": ("window",),
+    "any": ("window", "case", "cut"),
+}
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
@@ -71,6 +82,8 @@ class Registration:
     skipped_unfinished: int
     skipped_no_metric: int
     skipped_no_detector: int
+    protocol: str = "leak-free"
+    skipped_protocol: int = 0
     previous_alias_version: str | None = None
     version_tags: dict[str, str] = field(default_factory=dict)
 
@@ -91,6 +104,8 @@ class Registration:
             skipped.append(f"{self.skipped_unfinished} not FINISHED")
         if self.skipped_no_metric:
             skipped.append(f"{self.skipped_no_metric} without {self.metric}")
+        if self.skipped_protocol:
+            skipped.append(f"{self.skipped_protocol} of another protocol")
         if self.skipped_no_detector:
             skipped.append(f"{self.skipped_no_detector} better without a '{DETECTOR_NAME}' model")
         return "\n".join(
@@ -102,7 +117,8 @@ class Registration:
                 f"  selected by {self.metric} = {self.value:.4f} "
                 f"({'higher' if self.higher_is_better else 'lower'} is better); "
                 f"{test} (reported, not used for selection)",
-                f"  runs: {self.considered} considered"
+                f"  protocol: {self.protocol} (split={'/'.join(PROTOCOLS[self.protocol])}); "
+                f"runs: {self.considered} considered"
                 + (f", skipped {', '.join(skipped)}" if skipped else ""),
                 f'  load: mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")',
             ]
@@ -183,7 +199,7 @@ def _find_experiment(client, name: str):
 
 
 def _val_metric_names(runs, limit: int = 12) -> str:
-    names = sorted({k for r in runs for k in r.data.metrics if k.startswith("val_")})
+    names = sorted({k for r in runs for k in flat(r.data.metrics) if k.startswith("val_")})
     if not names:
         return "none (these runs logged no val_ metrics)"
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
@@ -233,7 +249,7 @@ def _existing_version(client, model_name: str, run_id: str):
 
 
 def _version_tags(run, metric: str, value: float, experiment_name: str) -> dict[str, str]:
-    metrics = run.data.metrics
+    metrics = flat(run.data.metrics)
     tags = {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name or "",
@@ -241,6 +257,7 @@ def _version_tags(run, metric: str, value: float, experiment_name: str) -> dict[
         "selection_metric": metric,
         "selection_value": str(float(value)),
         "data_source": run.data.tags.get("data_source", "unknown"),
+        "split": run.data.params.get("split", "unknown"),
     }
     if run.data.tags.get(SEARCH_ID_TAG):
         tags[SEARCH_ID_TAG] = run.data.tags[SEARCH_ID_TAG]
@@ -267,6 +284,7 @@ def register_best(
     alias: str = DEFAULTS["alias"],
     search_id: str = DEFAULTS["search_id"],
     allow_synthetic: bool | str = False,
+    protocol: str = DEFAULTS["protocol"],
 ) -> Registration:
     """Register the best FINISHED run's detector under `model_name` and point `alias` at it."""
     import mlflow
@@ -275,6 +293,9 @@ def register_best(
 
     higher = higher_is_better(metric)
     allow = parse_bool(allow_synthetic)
+    protocol = str(protocol).strip().lower()
+    if protocol not in PROTOCOLS:
+        raise MillvaeError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     _check_names(model_name, alias)
     client = MlflowClient()
     exp = _find_experiment(client, experiment)
@@ -291,6 +312,17 @@ def register_best(
             f"{where} has no runs; train one first (`mlflow run . --env-manager local`)"
         )
 
+    splits = PROTOCOLS[protocol]
+    # runs without a split (a search's or repeat's parent, a register run) compete on nothing
+    other = [r for r in runs if r.data.params.get("split", splits[0]) not in splits]
+    if other and len(other) == len(runs):
+        found = sorted({r.data.params["split"] for r in other})
+        raise MillvaeError(
+            f"protocol: expected runs with split={'/'.join(splits)} ({protocol}) in {where}; "
+            f"its {len(runs)} runs have split={'/'.join(found)}; pass protocol="
+            f"{'window' if found == ['window'] else 'any'} to compare those"
+        )
+    runs = [r for r in runs if r.data.params.get("split", splits[0]) in splits]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if not finished:
         statuses = {}
@@ -299,9 +331,9 @@ def register_best(
         counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         raise MillvaeError(f"{where} has no FINISHED runs ({counts})")
 
-    with_metric = [r for r in finished if _finite(r.data.metrics.get(metric))]
+    with_metric = [r for r in finished if _finite(flat(r.data.metrics).get(metric))]
     if not with_metric:
-        if not any(metric in r.data.metrics for r in runs):
+        if not any(metric in flat(r.data.metrics) for r in runs):
             raise MillvaeError(
                 f"unknown metric {metric}: no run of {where} logged it; "
                 f"validation metrics there: {_val_metric_names(runs)}"
@@ -327,7 +359,7 @@ def register_best(
     sign = -1.0 if higher else 1.0
     # ties go to the earlier run, so re-running register never flips between equals
     candidates.sort(
-        key=lambda r: (sign * r.data.metrics[metric], r.info.start_time or 0, r.info.run_id)
+        key=lambda r: (sign * flat(r.data.metrics)[metric], r.info.start_time or 0, r.info.run_id)
     )
     chosen, uri = None, None
     for run in candidates:
@@ -342,7 +374,7 @@ def register_best(
             f"model (best by {metric}: run {best.info.run_id}); was it trained by this version?"
         )
     no_detector = candidates.index(chosen)
-    value = float(chosen.data.metrics[metric])
+    value = float(flat(chosen.data.metrics)[metric])
     tags = _version_tags(chosen, metric, value, exp.name)
 
     try:
@@ -372,13 +404,17 @@ def register_best(
                 "millvae.registered_version": str(version.version),
                 "millvae.registered_alias": alias,
                 "millvae.selected_run_id": chosen.info.run_id,
+                "millvae.protocol": protocol,
+                "model_type": "register",
+                # a labelled record of the registration, not a stray run with a generated name
+                "mlflow.runName": f"register_{model_name}_v{version.version}",
             }.items():
                 client.set_tag(own_run, key, val)
         except MlflowException as exc:  # the registration itself succeeded; only the trace is lost
             print(f"millvae: warning: could not tag run {own_run}: {exc}")
 
     test_metric = paired_test_ap_metric(metric)
-    test_value = chosen.data.metrics.get(test_metric) if test_metric else None
+    test_value = flat(chosen.data.metrics).get(test_metric) if test_metric else None
     return Registration(
         model_name=model_name,
         version=str(version.version),
@@ -399,6 +435,8 @@ def register_best(
         skipped_unfinished=len(runs) - len(finished),
         skipped_no_metric=len(finished) - len(with_metric),
         skipped_no_detector=no_detector,
+        protocol=protocol,
+        skipped_protocol=len(other),
         previous_alias_version=str(previous) if previous is not None else None,
         version_tags=tags,
     )
@@ -427,6 +465,12 @@ def _parser() -> ArgParser:
         default=DEFAULTS["allow_synthetic"],
         help="also consider runs trained on synthetic data (true/false)",
     )
+    p.add_argument(
+        "--protocol",
+        default=DEFAULTS["protocol"],
+        help="which runs compete: leak-free (split=case or cut), case, cut, window (the seed's, "
+        "leaky) or any",
+    )
     return p
 
 
@@ -440,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         alias=args.alias,
         search_id=args.search_id,
         allow_synthetic=args.allow_synthetic,
+        protocol=args.protocol,
     )
     print(result.summary())
     return 0

@@ -17,6 +17,7 @@ import pandas as pd
 
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
 from millvae.errors import ArgParser, MillvaeError
+from millvae.metric_groups import flat, grouped
 
 _MAIN = ("val_ap", "test_ap", "test_rocauc", "test_prauc", "test_f1", "test_cut_ap")
 SUMMARY_METRICS = (
@@ -64,7 +65,7 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
         raise MillvaeError(
             "repeat: split=window always uses the seed's fixed random states; use split=case or cut"
         )
-    name = f"repeat_{cfg.run_name()}_split-{cfg.split}_seeds-{'-'.join(map(str, seeds))}"
+    name = f"repeat_{cfg.model_name()}_split-{cfg.split}_seeds-{'-'.join(map(str, seeds))}"
     with tracked_run(cfg, run_name=name, tags={"model_type": "repeat"}) as parent:
         log_params_once(cfg)
         have = mlflow.get_run(parent.info.run_id).data.params
@@ -78,7 +79,7 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
             child_cfg = dataclasses.replace(cfg, split_seed=seed)
             prepared = prepare(child_cfg, mill=mill, data_file=data_file)
             res = train_run(child_cfg, prepared=prepared, nested=True, verbose=verbose)
-            m = mlflow.get_run(res.run_id).data.metrics
+            m = flat(mlflow.get_run(res.run_id).data.metrics)
             rows.append(
                 {
                     "split_seed": seed,
@@ -89,7 +90,7 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
             print(f"millvae repeat: split_seed {seed} done (run {res.run_id})", flush=True)
         table = pd.DataFrame(rows)
         stats = summarize(table.drop(columns=["split_seed", "run_id"]))
-        mlflow.log_metrics(stats)
+        mlflow.log_metrics(grouped(stats))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "per_seed.csv"
             table.to_csv(path, index=False)

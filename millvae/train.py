@@ -19,8 +19,9 @@ import pandas as pd
 
 import millvae
 from millvae.config import TrainConfig
-from millvae.data import Prepared, prepare
+from millvae.data import Prepared, prepare, why_no_detection
 from millvae.errors import MillvaeError
+from millvae.metric_groups import grouped
 
 # mlflow's generated run names look like "bold-cat-123"; only those are replaced by ours
 _GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
@@ -365,6 +366,12 @@ def train_run(
         if prepared is None:
             prepared = prepare(cfg)
         _log_data(prepared)
+        if run_name is None:  # ours: now the data source is known, name it
+            mlflow.set_tag("mlflow.runName", cfg.run_name(prepared.data_source))
+        why = why_no_detection(prepared, cfg.positive)
+        if why:  # said up front, not discovered as missing metrics after the fit
+            print(f"millvae: warning: {why}", file=sys.stderr, flush=True)
+            mlflow.set_tag("millvae.no_detection", why)
         model, history, seconds = fit(cfg, prepared, [_epoch_logger()], verbose=verbose)
         best_idx = history.attrs["best_epoch"] - 1
         result = TrainResult(
@@ -414,7 +421,7 @@ def evaluate_run(model, prepared: Prepared, cfg: TrainConfig):
         prepared,
         VAE_SCORES,
         cfg,
-        title=f"{cfg.run_name()} | split={cfg.split} | {prepared.data_source} data",
+        title=f"{cfg.model_name()} | split={cfg.split} | {prepared.data_source} data",
         examples=reconstruction_examples(model, prepared, scores),
         extra_metrics={"scoring_seconds": time.perf_counter() - t0},
         log_metrics=False,
@@ -428,7 +435,8 @@ def evaluate_run(model, prepared: Prepared, cfg: TrainConfig):
         # metrics a run already has: it reads the whole history of every metric key of the run
         # to find them (201 queries per trial, about 0.5 s, growing with the epochs); logged
         # before it, these 125 keys were read and written twice.
-        mlflow.log_metrics(ev.metrics, model_id=info.model_id if info is not None else None)
+        model_id = info.model_id if info is not None else None
+        mlflow.log_metrics(grouped(ev.metrics), model_id=model_id)
     return ev
 
 
@@ -491,7 +499,24 @@ def _log_data(p: Prepared) -> None:
     )
     if p.data_source == "synthetic":
         mlflow.set_tag("millvae.synthetic_data", "true: trained on the SYNTHETIC milling simulator")
-    mlflow.log_metrics({k: float(v) for k, v in p.counts().items()})
+    if p.labels_path:
+        mlflow.set_tags({"labels_path": p.labels_path, "labels_sha256": p.labels_sha256})
+    _log_dataset(p)
+    mlflow.log_metrics(grouped({k: float(v) for k, v in p.counts().items()}))
+
+
+def _log_dataset(p: Prepared) -> None:
+    """The run's Dataset column in `mlflow ui`: the data file's name, source and digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if not p.data_path:
+        return
+    name = f"{Path(p.data_path).name} ({p.data_source})"
+    # the store keeps 36 characters of a digest; the full sha256 is the data_sha256 tag
+    dataset = MetaDataset(resolve_dataset_source(p.data_path), name=name, digest=p.data_sha256[:36])
+    mlflow.log_input(dataset, context="training")
 
 
 def log_keras_model(model, prepared: Prepared) -> None:

@@ -103,7 +103,7 @@ def test_baseline_entry_logs_the_same_metrics(tracking, synthetic_mat):
     assert run.data.tags["data_source"] == "synthetic"
     for s in ("pca", "iforest", "pca_cond", "iforest_cond"):
         assert 0 <= run.data.metrics[f"test_ap_{s}"] <= 1
-        assert f"threshold_{s}" in run.data.metrics
+        assert f"detail/threshold_{s}" in run.data.metrics
     # PCA on healthy windows must find the simulator's worn tools far better than chance
     assert run.data.metrics["test_rocauc_pca"] > 0.7
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "plots")}

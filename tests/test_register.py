@@ -28,6 +28,7 @@ def make_run(
     search_id: str | None = None,
     detector: str | None = "logged",
     tmp_path=None,
+    split: str | None = None,
 ) -> str:
     """One run as the training code leaves it: metrics, tags and (optionally) a `detector` model."""
     exp_id = mlflow.set_experiment(experiment).experiment_id
@@ -36,6 +37,8 @@ def make_run(
     if search_id:
         tags["millvae.search_id"] = search_id
     mlflow.set_tags(tags)
+    if split is not None:
+        mlflow.log_param("split", split)
     mlflow.log_metrics(metrics)
     if detector == "logged":  # MLflow 3: a LoggedModel whose source run is this run
         mlflow.pyfunc.log_model(name="detector", python_model=LengthModel(), pip_requirements=[])
@@ -194,3 +197,67 @@ def test_errors(tracking, tmp_path):
         main(["--bogus", "1"])
     # nothing got registered on the way
     assert MlflowClient().search_registered_models() == []
+
+
+def test_by_default_only_leak_free_runs_compete(tracking, capsys):
+    """A leaky split=window run with a better validation figure must not win over leak-free ones."""
+    leaky = make_run("millvae", "leaky", {"val_ap_kl": 0.95}, split="window")
+    fair = make_run("millvae", "fair", {"val_ap_kl": 0.55}, split="case")
+    result = register_best()
+    assert result.run_id == fair and result.protocol == "leak-free"
+    assert result.skipped_protocol == 1
+    assert result.version_tags["split"] == "case"
+    assert "protocol: leak-free (split=case/cut)" in result.summary()
+    assert "1 of another protocol" in result.summary()
+    seed = register_best(protocol="window", model_name="millvae-seed")
+    assert seed.run_id == leaky and seed.skipped_protocol == 1
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--protocol", "leaky"], "protocol: expected one of leak-free, case, cut, window, any"),
+        ([], "pass protocol=window to compare those"),
+        (["--protocol", "cut"], "protocol: expected runs with split=cut (cut)"),
+        (["--metric", "test_ap_kl"], "selection uses validation metrics only"),
+        (["--alias", "v3"], "reserved by MLflow"),
+        (["--allow_synthetic", "maybe"], "allow_synthetic must be one of"),
+        (["--experiment", "nope"], "experiment 'nope' not found"),
+        (["--model_name", "a/b"], "model_name must be non-empty"),
+    ],
+)
+def test_register_refuses_in_one_line(tracking, capsys, argv, expected):
+    from millvae.cli import main as cli_main
+
+    make_run("millvae", "only-window", {"val_ap_kl": 0.9}, split="window")
+    capsys.readouterr()
+    assert cli_main(["register", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.slow
+def test_mlflow_run_register_leaves_a_labelled_record_not_a_stray_run(tracking, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import REPO
+
+    chosen = make_run("millvae", "fair", {"val_ap_kl": 0.55}, split="case")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
+    cmd += ["--experiment-name", "millvae", "-e", "register"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
+    record = [r for r in runs if r.info.run_id != chosen]
+    assert len(record) == 1
+    tags = record[0].data.tags
+    assert tags["model_type"] == "register" and tags["millvae.selected_run_id"] == chosen
+    assert record[0].info.run_name == "register_millvae_v1"
+    assert tags["millvae.protocol"] == "leak-free"
+    assert mlflow.search_runs(experiment_names=["Default"], output_format="list") == []

@@ -15,6 +15,7 @@ import scipy.io
 
 from millvae.config import PARAM_NAMES, make_config
 from millvae.errors import MillvaeError
+from millvae.metric_groups import flat
 from millvae.train import EPOCH_METRICS, train_run
 
 TINY = {
@@ -40,7 +41,10 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "bvae_beta-1.25_cod-4_lay-1_fil-8_ker-2_dil-1-2_sigmoid"
+    # the model, split, data source and capped epochs: two runs in a list can be told apart
+    assert run.info.run_name == (
+        "bvae_beta-1.25_cod-4_lay-1_fil-8_ker-2_dil-1-2_sigmoid_window_synthetic_ep3"
+    )
     assert client.get_experiment(run.info.experiment_id).name == "millvae"
     assert set(run.data.params) == set(PARAM_NAMES)
     assert run.data.params["dilations"] == "1,2" and run.data.params["beta"] == "1.25"
@@ -48,7 +52,18 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
         for name in (key, f"val_{key}"):
             steps = [m.step for m in client.get_metric_history(result.run_id, name)]
             assert steps == [1, 2, 3], name
-    m = run.data.metrics
+    logged = run.data.metrics
+    m = flat(logged)
+    assert len(m) == len(logged)  # every figure under one name
+    # end-of-run figures grouped on the run page; curves and headline figures in the first section
+    assert logged["data/n_train_slim"] > 0 and "detail/threshold_kl" in logged
+    assert "by_condition/test_ap_kl_steel" in logged and "interval/test_ap_kl_lo" in logged
+    sections = {k.split("/")[0] for k in logged if "/" in k}
+    assert sections == {"data", "detail", "by_condition", "interval"}
+    first = [k for k in logged if "/" not in k]
+    assert {"val_ap_kl", "test_ap_kl_cond", "test_cut_ap_kl", "best_val_loss"} <= set(first)
+    assert len(first) <= 40, sorted(first)
+    assert set(result.evaluation.metrics) <= set(m)
     assert m["epochs_trained"] == 3 and m["param_count"] > 1000
     assert m["n_train_slim"] > 0 and m["n_test"] > 0 and m["training_seconds"] > 0
     val_hist = {x.step: x.value for x in client.get_metric_history(result.run_id, "val_loss")}
@@ -57,6 +72,11 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
     tags = run.data.tags
     assert tags["data_source"] == "synthetic" and len(tags["data_sha256"]) == 64
     assert tags["signals_used"] == "smcAC,smcDC,vib_table,vib_spindle,AE_table,AE_spindle"
+    # the Dataset column of `mlflow ui`: the file, where it lies, its digest
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == f"{synthetic_mat.name} (synthetic)"
+    assert used.dataset.digest == tags["data_sha256"][:36]
+    assert str(synthetic_mat) in used.dataset.source
     arts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"history.csv", "scaler.json", "plots", "data"} <= arts
     cuts = pd.read_csv(client.download_artifacts(result.run_id, "data/cuts.csv"))
@@ -254,3 +274,18 @@ def test_a_three_epoch_fit_has_finite_validation_loss_and_scores(tracking, synth
     assert result.history["val_loss"].iloc[-1] < 3 * result.history["loss"].iloc[-1]
     scores = result.evaluation.scores.select_dtypes("number")
     assert np.isfinite(scores.to_numpy()).all()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_file_without_failures_says_why_it_has_no_detection_metrics(
+    tracking, fixture2, capsys
+):
+    cfg = make_config(data=str(fixture2), signals="available", **{**TINY, "epochs": 1})
+    result = train_run(cfg, verbose=0)
+    run = mlflow.get_run(result.run_id)
+    why = run.data.tags["millvae.no_detection"]
+    assert why.startswith("no detection metrics (positive=failed): validation has no failed")
+    assert f"millvae: warning: {why}" in capsys.readouterr().err
+    assert not any(k.startswith("test_ap_") for k in flat(run.data.metrics))
+    assert run.info.status == "FINISHED"
