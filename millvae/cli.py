@@ -39,6 +39,19 @@ def _fail_external_run(message: str) -> None:
         print(f"millvae: could not mark run {run_id} FAILED: {exc}", file=sys.stderr)
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings on one line, as the errors are; other libraries' as Python prints them."""
+    if category.__module__.startswith("millvae") or "millvae" in os.path.normpath(filename).split(
+        os.sep
+    ):
+        print(f"millvae: warning: {message}", file=file or sys.stderr, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def _install_sigterm() -> None:
     """SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: the run ends KILLED, not RUNNING."""
     import signal
@@ -90,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     warnings.simplefilter("default")  # our own warnings (dropped records, ...) are for the user
+    warnings.showwarning = _show_warning
     # libraries' deprecation notices (SQLAlchemy's from MLflow's store, ...) are not
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("default", category=DeprecationWarning, module="millvae")

@@ -542,6 +542,11 @@ def _as_file(data: str) -> DataFile:
     return DataFile(p, "file", sha256_file(p))
 
 
+def _say(message: str) -> None:
+    """Which data a run uses and why, in its first lines (before any download starts)."""
+    print(f"millvae: {message}", file=sys.stderr, flush=True)
+
+
 def _auto(synthetic_seed: int) -> DataFile:
     env = os.environ.get("MILLVAE_DATA", "").strip()
     if env:
@@ -552,20 +557,30 @@ def _auto(synthetic_seed: int) -> DataFile:
                 f"MILLVAE_DATA: expected a path to a {MAT_NAME} file; got {env!r} "
                 f"({'a directory' if p.is_dir() else 'no such file'})"
             )
+        _say(f"data=auto: using $MILLVAE_DATA = {p}")
         return DataFile(p.resolve(), "file", sha256_file(p))
     local = Path("data") / MAT_NAME
     if local.is_file():
+        _say(f"data=auto: using ./data/{MAT_NAME}")
         return DataFile(local.resolve(), "file", sha256_file(local))
     folder = default_cache_dir()
     cached = folder / MAT_NAME
     if cached.is_file():
         digest = sha256_file(cached)
         origin = "nasa" if digest == MILL_MAT_SHA256 else "file"  # a user may put their own there
+        what = "the NASA download" if origin == "nasa" else "a file of your own"
+        _say(f"data=auto: using {cached} ({what}, in the cache)")
         return DataFile(cached.resolve(), origin, digest)
 
     if _env_flag("MILLVAE_OFFLINE"):
         why = "MILLVAE_OFFLINE is set, so no download was tried"
     else:
+        url = os.environ.get("MILLVAE_NASA_URL") or NASA_URL
+        _say(
+            f"data=auto: no real data yet ($MILLVAE_DATA unset, no ./data/{MAT_NAME}, "
+            f"no {cached}); downloading the UC Berkeley milling data once from {url} "
+            "(MILLVAE_OFFLINE=1 skips this; without it the synthetic simulator is used)"
+        )
         try:
             path = download_nasa(folder)
             return DataFile(path, "nasa", sha256_file(path))
@@ -576,7 +591,6 @@ def _auto(synthetic_seed: int) -> DataFile:
         f"{why}); using the SYNTHETIC simulator: its numbers say nothing about real tool wear"
     )
     warnings.warn(message, SyntheticDataWarning, stacklevel=3)
-    log.warning(message)
     path = _synthetic_file(folder, synthetic_seed)
     return DataFile(path, "synthetic", sha256_file(path))
 

@@ -9,6 +9,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -515,7 +516,10 @@ def _log_dataset(p: Prepared) -> None:
         return
     name = f"{Path(p.data_path).name} ({p.data_source})"
     # the store keeps 36 characters of a digest; the full sha256 is the data_sha256 tag
-    dataset = MetaDataset(resolve_dataset_source(p.data_path), name=name, digest=p.data_sha256[:36])
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": all of them local
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(p.data_path)
+    dataset = MetaDataset(source, name=name, digest=p.data_sha256[:36])
     mlflow.log_input(dataset, context="training")
 
 

@@ -132,3 +132,21 @@ def test_mlflow_run_refuses_a_configuration_beyond_memory_before_loading_data(tr
     runs = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "data_source" not in runs[0].data.tags  # refused before any data was read
+
+
+def test_readme_command_one_files_a_labelled_run_in_millvae_and_says_which_data_first(
+    tracking, tmp_path, monkeypatch
+):
+    readme = (REPO / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if "mlflow run ." in line)
+    assert "--experiment-name millvae" in first, first
+    monkeypatch.delenv("MILLVAE_OFFLINE")  # the download is tried, against a dead loopback port
+    out = _mlflow_run(tmp_path, "beta=1.25", "epochs=1", "bootstrap=10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = [line for line in out.stderr.splitlines() if line.startswith("millvae:")]
+    assert ours[0].startswith("millvae: data=auto: no real data yet"), ours[:3]
+    assert "downloading the UC Berkeley milling data once from http://127.0.0.1:9/" in ours[0]
+    assert any("using the SYNTHETIC simulator" in line for line in ours[:4]), ours[:4]
+    (run,) = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
+    assert run.info.run_name.endswith("_window_synthetic_ep1")
+    assert run.data.tags["millvae.synthetic_data"].startswith("true")

@@ -60,7 +60,9 @@ def test_readme_first_screen_commands_and_ci_agree():
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
     setup_run, setup_test = blocks[0].strip(), blocks[1].strip()
-    assert setup_run.endswith("mlflow run . --env-manager local -P beta=1.25")
+    assert setup_run.endswith(
+        "mlflow run . --env-manager local --experiment-name millvae -P beta=1.25"
+    )
     assert "pip install -e ." in setup_run
     assert setup_test.endswith("python -m pytest")
     ci = (REPO / ".ci" / "run").read_text()

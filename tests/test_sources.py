@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import random
 import socket
@@ -351,18 +350,15 @@ def synthetic_module():
     return pytest.importorskip("millvae.synthetic", reason="millvae.synthetic not present")
 
 
-def test_auto_offline_falls_back_to_synthetic_loudly(cache, monkeypatch, caplog, synthetic_module):
+def test_auto_offline_falls_back_to_synthetic_loudly(cache, monkeypatch, synthetic_module):
     monkeypatch.setenv("MILLVAE_OFFLINE", "1")
-    with (
-        caplog.at_level(logging.WARNING, logger="millvae.sources"),
-        pytest.warns(sources.SyntheticDataWarning, match="using the SYNTHETIC simulator"),
-    ):
+    with pytest.warns(sources.SyntheticDataWarning, match="using the SYNTHETIC simulator") as w:
         got = resolve_data("auto", synthetic_seed=3)
     assert got.origin == "synthetic"
     version = synthetic_module.SYNTHETIC_VERSION
     assert got.path == (cache / f"synthetic_v{version}_seed3.mat").resolve()
     assert got.sha256 == sha256_file(got.path)
-    assert any("no real milling data found" in r.getMessage() for r in caplog.records)
+    assert len(w) == 1 and "no real milling data found" in str(w[0].message)  # said once
     assert _leftovers(cache) == [got.path.name]
 
 
