@@ -297,6 +297,9 @@ def register_best(
     if protocol not in PROTOCOLS:
         raise MillvaeError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     _check_names(model_name, alias)
+    from millvae.store import prepare_store
+
+    prepare_store()
     client = MlflowClient()
     exp = _find_experiment(client, experiment)
 

@@ -80,6 +80,9 @@ def tracked_run(
     """
     import mlflow
 
+    from millvae.store import prepare_store
+
+    prepare_store()  # two commands on a new sqlite store: one creates it, the other waits
     run_name = run_name or cfg.run_name()
     existing = os.environ.get("MLFLOW_RUN_ID")
     if experiment_id is not None:

@@ -113,3 +113,28 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path):
     with pytest.raises(MillvaeError, match="expected an MLflow sqlite store") as got:
         prepare_store(f"sqlite:///{db}")
     assert "\n" not in str(got.value) and "not a database" in str(got.value)
+
+
+def test_entry_points_started_together_on_a_new_store_all_answer_in_one_line(tmp_path):
+    """`millvae register` x4 at once on a store that does not exist yet: each creates or waits
+    for the store, then says the experiment is missing; none dies in MLflow's table creation."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new.db'}"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "millvae", "register"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-2000:]
+        assert "Traceback" not in err and "already exists" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith("millvae: error: experiment 'millvae'")
