@@ -30,17 +30,7 @@ CONFIGS = [
 def _estimate(argv: list[str]) -> float:
     kw = {a[2:]: b for a, b in zip(argv[::2], argv[1::2], strict=True)}
     cfg = make_config(data="synthetic", **kw)
-    return estimate(
-        window_size=cfg.window_size,
-        stride=cfg.stride,
-        n_signals=6,
-        codings_size=cfg.codings_size,
-        conv_layers=cfg.conv_layers,
-        filters=cfg.start_filter_no,
-        kernel_size=cfg.kernel_size,
-        dilations=cfg.dilations,
-        batch_size=cfg.batch_size,
-    ).total_gb
+    return estimate(cfg, n_signals=6).total_gb
 
 
 def main() -> None:

@@ -333,17 +333,7 @@ def check_memory(cfg: TrainConfig) -> None:
 
     names = [s for s in cfg.signals.split(",") if s.strip()]
     n_signals = len(names) if cfg.signals.lower() not in ("all", "available") else 6
-    est = estimate(
-        window_size=cfg.window_size,
-        stride=cfg.stride,
-        n_signals=n_signals,
-        codings_size=cfg.codings_size,
-        conv_layers=cfg.conv_layers,
-        filters=cfg.start_filter_no,
-        kernel_size=cfg.kernel_size,
-        dilations=cfg.dilations,
-        batch_size=cfg.batch_size,
-    )
+    est = estimate(cfg, n_signals)
     limit = cfg.max_memory_gb or available_gb()
     if est.total_gb > limit:
         source = f"max_memory_gb={cfg.max_memory_gb:g}" if cfg.max_memory_gb else "this machine"

@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from millvae.config import TrainConfig
 
 # The UC Berkeley mill.mat: 167 records of 9000 samples. A data file's real size is only known
 # once it is read; the estimate assumes this one (the synthetic simulator writes the same shape).
@@ -44,19 +48,11 @@ def _tcn_params(c_in: int, filters: int, kernel: int, n_dilations: int) -> int:
     return first + conv + (n_dilations - 1) * 2 * conv
 
 
-def estimate(
-    *,
-    window_size: int,
-    stride: int,
-    n_signals: int,
-    codings_size: int,
-    conv_layers: int,
-    filters: int,
-    kernel_size: int,
-    dilations: tuple[int, ...],
-    batch_size: int,
-) -> Estimate:
-    """Peak training memory of one run, in GB (see the module docstring)."""
+def estimate(cfg: TrainConfig, n_signals: int = 6) -> Estimate:
+    """Peak training memory of one run of `cfg`, in GB (see the module docstring)."""
+    window_size, stride, conv_layers = cfg.window_size, cfg.stride, cfg.conv_layers
+    filters, kernel_size, dilations = cfg.start_filter_no, cfg.kernel_size, cfg.dilations
+    codings_size, batch_size = cfg.codings_size, cfg.batch_size
     nd = len(dilations)
     steps = window_size // 2**conv_layers
     params = 0
