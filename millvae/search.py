@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from millvae.config import PARAM_HELP, PARAM_NAMES, PREP_PARAMS
+from millvae.config import PARAM_HELP, PARAM_NAMES, PREP_PARAMS, TrainConfig
 from millvae.errors import MillvaeError
 
 SEARCH_ID_TAG = "millvae.search_id"
@@ -29,6 +30,16 @@ PARENT_TAG = "millvae.search_parent"
 TRIAL_TAG = "millvae.trial_index"
 PID_TAG = "millvae.worker_pid"
 HOST_TAG = "millvae.host"
+DRIVER_TAG = "millvae.driver"  # host|pid of the driver whose worker ran a trial
+CLAIM_TAG = "millvae.claim"  # the claim (a param of the parent run) a trial run was made under
+CLAIM_PREFIX = "millvae.claim."  # parent-run params millvae.claim.<trial>.<generation>
+LOCK_PREFIX = ".millvae-lock"  # (deleted) experiments .millvae-lock/<experiment>/<search>/<gen>
+LOCK_HOLDER_TAG = "millvae.lock_holder"
+# A driver that won the lock makes the parent run in two requests; a lock this old without a
+# parent run belongs to a driver that died in between.
+LOCK_TIMEOUT_S = 60.0
+# After its driver died, a worker has this long to end its trial run KILLED before it just exits.
+ORPHAN_GRACE_S = 20.0
 # A worker whose resident memory grew by this much since its first trial hands over to a new one.
 RECYCLE_MIB = 1024
 # The seed's random search (plus the final activation, which the paper also searched).
@@ -42,13 +53,14 @@ DEFAULT_SPACE = {
     "earlystop_patience": {"randint": [30, 50]},
     "final_activation": ["sigmoid", "selu"],
 }
+_DISTRIBUTIONS = ("uniform", "loguniform", "randint")
+# parameters TrainConfig holds as integers: a continuous distribution over one always fails
+_INT_PARAMS = {name: type(value) is int for name, value in asdict(TrainConfig()).items()}
 
 
 def space_from_spec(spec: Mapping) -> dict:
-    """Turn a JSON/YAML space ({name: list | {uniform: [loc, scale]} | {randint: [lo, hi]}})
-    into what `ParameterSampler` takes."""
-    from scipy import stats
-
+    """Turn a JSON/YAML space ({name: list | {uniform: [loc, scale]} | {loguniform: [low, high]}
+    | {randint: [low, high]}}) into what `ParameterSampler` takes."""
     out = {}
     for name, value in spec.items():
         if name not in PARAM_NAMES:
@@ -59,25 +71,122 @@ def space_from_spec(spec: Mapping) -> dict:
             out[name] = value
         elif isinstance(value, Mapping) and len(value) == 1:
             ((kind, args),) = value.items()
-            try:
-                if kind == "uniform":
-                    out[name] = stats.uniform(*args)
-                elif kind == "loguniform":
-                    out[name] = stats.loguniform(*args)
-                elif kind == "randint":
-                    out[name] = stats.randint(*args)
-                else:
-                    raise MillvaeError(
-                        f"space: {name}: expected uniform, loguniform or randint; got {kind!r}"
-                    )
-            except TypeError:
-                raise MillvaeError(f"space: {name}: bad arguments {args!r} for {kind}") from None
+            out[name] = _distribution(name, kind, args)
         else:
             raise MillvaeError(
-                f"space: {name}: expected a list of choices or {{uniform|randint: [a, b]}}; "
-                f"got {value!r}"
+                f"space: {name}: expected a list of choices or {{uniform|loguniform|randint: "
+                f"[a, b]}}; got {value!r}"
             )
     return out
+
+
+def _numbers(name: str, kind: str, args) -> tuple[float, float]:
+    """The two numbers of `{kind: [a, b]}` (YAML reads 1e-3 as a string: numeric strings count)."""
+    bad = MillvaeError(f"space: {name}: expected {kind}: [a, b] with two numbers; got {args!r}")
+    if not isinstance(args, list | tuple) or len(args) != 2:
+        raise bad
+    if any(isinstance(x, bool) for x in args):  # float(True) is 1.0: a typo, not a bound
+        raise bad
+    try:
+        a, b = float(args[0]), float(args[1])
+    except (TypeError, ValueError):
+        raise bad from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise bad
+    return a, b
+
+
+def _distribution(name: str, kind, args):
+    """The frozen scipy distribution of `{kind: args}`, its parameters checked here: scipy's own
+    complaint about a negative scale is a long traceback from deep inside the sampler."""
+    from scipy import stats
+
+    if kind not in _DISTRIBUTIONS:
+        raise MillvaeError(f"space: {name}: expected uniform, loguniform or randint; got {kind!r}")
+    a, b = _numbers(name, kind, args)
+    if kind == "uniform":
+        if b <= 0:
+            raise MillvaeError(
+                f"space: {name}: expected uniform: [loc, scale] with scale > 0; got scale {b:g}"
+            )
+        return stats.uniform(a, b)
+    if kind == "loguniform":
+        if not 0 < a < b:
+            raise MillvaeError(
+                f"space: {name}: expected loguniform: [low, high] with 0 < low < high; "
+                f"got {a:g} and {b:g}"
+            )
+        return stats.loguniform(a, b)
+    if a != int(a) or b != int(b) or a >= b:
+        raise MillvaeError(
+            f"space: {name}: expected randint: [low, high] with integers low < high "
+            f"(high excluded); got {a:g} and {b:g}"
+        )
+    return stats.randint(int(a), int(b))
+
+
+def _candidates(name: str, value) -> list:
+    """The values of one space entry to check: every choice, or a distribution's support ends."""
+    if isinstance(value, list):
+        return value
+    ((kind, args),) = value.items()
+    a, b = _numbers(name, kind, args)
+    if kind == "randint":
+        return [int(a), int(b) - 1]
+    if _INT_PARAMS.get(name):
+        raise MillvaeError(
+            f"space: {name}: expected randint or a list (it takes integers); got {kind}, "
+            "whose draws are not whole numbers"
+        )
+    return [_plain(a), _plain(a + b if kind == "uniform" else b)]
+
+
+def check_space(spec: Mapping, fixed: Mapping) -> None:
+    """Check every value the space can give against TrainConfig's rules, before any trial.
+
+    Each choice (for a distribution: its parameters and both ends of its support) is validated
+    with `make_config` over the fixed parameters. A rule between two parameters (lr_max >=
+    learning_rate, window_size a multiple of 2**conv_layers) fails a value only where no single
+    value of the other searched parameters makes it valid: a combination that fails is left to
+    the trial, which is recorded FAILED with its reason.
+    """
+    space_from_spec(spec)  # names and distribution parameters first
+    cands = {name: _candidates(name, value) for name, value in spec.items()}
+    for name, values in cands.items():
+        value = spec[name]
+        where = "" if isinstance(value, list) else f", an end of {_describe(value)},"
+        for v in values:
+            err = _value_error(name, v, fixed, cands)
+            if err:
+                raise MillvaeError(f"space: {name}: {v!r}{where} is not allowed ({err})")
+
+
+def _describe(dist: Mapping) -> str:
+    ((kind, args),) = dist.items()
+    return f"{kind} {list(args)}"
+
+
+def _value_error(name: str, value, fixed: Mapping, cands: Mapping) -> str | None:
+    """Why `name=value` breaks TrainConfig's rules with every other searched value, or None."""
+    err = _config_error({**fixed, name: value})
+    if err is None:
+        return None
+    for other, values in cands.items():
+        if other != name and any(
+            _config_error({**fixed, other: c, name: value}) is None for c in values
+        ):
+            return None
+    return err
+
+
+def _config_error(params: Mapping) -> str | None:
+    from millvae.config import make_config
+
+    try:
+        make_config(**params)
+    except MillvaeError as exc:
+        return str(exc)
+    return None
 
 
 def load_space(path: str) -> dict:
@@ -147,6 +256,7 @@ class Search:
     n_shards: int = 1
     stale_minutes: float = 30.0
     driver_run_id: str = ""  # the run `mlflow run -e search` made for this process, if any
+    driver: str = ""  # host|pid of this driver (DRIVER_TAG of the trials its workers run)
 
     def my_indices(self) -> list[int]:
         return shard_indices(len(self.trials), self.shard, self.n_shards)
@@ -182,28 +292,23 @@ def _parents(client, experiment_id: str, search_id: str) -> list:
 
 
 def open_parent(client, experiment_id: str, search_id: str, description: dict) -> str:
-    """Find or create the search's parent run; concurrent shards agree on the oldest one."""
-    found = _parents(client, experiment_id, search_id)
-    if not found:
-        driver = os.environ.get("MLFLOW_RUN_ID")
-        tags = {SEARCH_ID_TAG: search_id, PARENT_TAG: "true", "model_type": "search"}
-        if driver:  # `mlflow run -e search` made a run for us: it becomes the parent
-            run_id = driver
-            tags["mlflow.runName"] = f"search-{search_id}"
-            for k, v in tags.items():
-                client.set_tag(run_id, k, v)
-        else:
-            run_id = client.create_run(
-                experiment_id, run_name=f"search-{search_id}", tags=tags
-            ).info.run_id
-        have = client.get_run(run_id).data.params
-        for k, v in description.items():
-            client.set_tag(run_id, f"millvae.search.{k}", v)
-            if k not in have:  # `mlflow run` may have logged some as -P values already
-                client.log_param(run_id, k, v)
-        found = _parents(client, experiment_id, search_id)
-        if found[0].info.run_id != run_id and run_id != driver:
-            client.delete_run(run_id)  # lost the race with another shard
+    """Find or create the search's parent run: of drivers and shards starting together, exactly
+    one creates it (the one that takes `_take_lock`); the others wait for it."""
+    deadline = time.monotonic() + 3 * LOCK_TIMEOUT_S
+    waiting = False
+    while not (found := _parents(client, experiment_id, search_id)):
+        if time.monotonic() > deadline:
+            raise MillvaeError(
+                f"search_id {search_id!r}: expected its parent run to appear; none did in "
+                f"{3 * LOCK_TIMEOUT_S:.0f} s"
+            )
+        if _take_lock(client, experiment_id, search_id):
+            _create_parent(client, experiment_id, search_id, description)
+            continue
+        if not waiting:
+            print(f"search {search_id}: another driver is creating the parent run; waiting")
+            waiting = True
+        time.sleep(0.5)
     parent = found[0]
     for k in ("n_iter", "seed", "search_space", "overrides"):
         old = parent.data.tags.get(f"millvae.search.{k}")
@@ -213,6 +318,187 @@ def open_parent(client, experiment_id: str, search_id: str, description: dict) -
                 "(use another search_id for another search)"
             )
     return parent.info.run_id
+
+
+def _create_parent(client, experiment_id: str, search_id: str, description: dict) -> str:
+    """The parent run (the run of `mlflow run -e search`, where there is one), tagged at once:
+    drivers waiting for it read the description's tags as soon as they find it."""
+    from mlflow.entities import Param, RunTag
+
+    tags = {SEARCH_ID_TAG: search_id, "model_type": "search"}
+    tags.update({f"millvae.search.{k}": v for k, v in description.items()})
+    tags[PARENT_TAG] = "true"
+    driver = os.environ.get("MLFLOW_RUN_ID")
+    if driver:  # `mlflow run -e search` made a run for us: it becomes the parent
+        run_id = driver
+        tags["mlflow.runName"] = f"search-{search_id}"
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    else:
+        run_id = client.create_run(
+            experiment_id, run_name=f"search-{search_id}", tags=tags
+        ).info.run_id
+    have = client.get_run(run_id).data.params  # `mlflow run` logged its -P values already
+    params = [Param(k, v) for k, v in description.items() if k not in have]
+    client.log_batch(run_id, params=params)
+    return run_id
+
+
+def _lock_name(experiment_id: str, search_id: str, gen: int) -> str:
+    return f"{LOCK_PREFIX}/{experiment_id}/{search_id}/{gen}"
+
+
+def _take_lock(client, experiment_id: str, search_id: str) -> bool:
+    """Whether this driver may create the search's parent run.
+
+    Experiment names are unique in every MLflow store, and a deleted experiment keeps its name:
+    of drivers creating the lock experiment of one generation, exactly one succeeds. It is
+    deleted at once (out of sight in the UI). A lock whose holder died before the parent run
+    existed is taken over with the next generation.
+    """
+    from mlflow.exceptions import MlflowException
+
+    gen, last = 0, None
+    while exp := client.get_experiment_by_name(_lock_name(experiment_id, search_id, gen)):
+        gen, last = gen + 1, exp
+    if last is not None and _lock_holds(last.tags.get(LOCK_HOLDER_TAG, "")):
+        return False
+    try:
+        lock = client.create_experiment(
+            _lock_name(experiment_id, search_id, gen), tags={LOCK_HOLDER_TAG: _holder()}
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False  # another driver took this generation first
+    client.delete_experiment(lock)
+    return True
+
+
+def _lock_holds(value: str) -> bool:
+    h = _Holder.parse(value)
+    if h is None or time.time() - h.since > LOCK_TIMEOUT_S:
+        return False
+    return h.host != socket.gethostname() or h.alive()
+
+
+@dataclass
+class _Holder:
+    """Who holds a claim or lock: host, pid, the process's start time (a reused pid is another
+    process), when it claimed, and a nonce that tells two claims of one process apart."""
+
+    host: str
+    pid: int
+    start: str
+    since: float
+    nonce: str
+
+    @classmethod
+    def parse(cls, value: str) -> _Holder | None:
+        try:
+            host, pid, start, t, nonce = value.split("|")
+            return cls(host, int(pid), start, float(t), nonce)
+        except ValueError:
+            return None
+
+    def alive(self) -> bool:
+        """Whether the holding process (on this host) still runs: an earlier claim of this very
+        process is over, as a process runs one trial at a time."""
+        if self.pid == os.getpid() or not _alive(self.pid):
+            return False
+        return not self.start or _proc_start(self.pid) in ("", self.start)
+
+
+def _holder() -> str:
+    import uuid
+
+    host, pid = socket.gethostname(), os.getpid()
+    return f"{host}|{pid}|{_proc_start(pid)}|{time.time():.3f}|{uuid.uuid4().hex[:12]}"
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux); '' where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def claim_trial(client, search: Search, index: int) -> str | None:
+    """Claim trial `index` for this process: the claim's key, or None where the trial is
+    FINISHED or another live process holds it.
+
+    A claim is a param `millvae.claim.<index>.<generation>` of the parent run, with this
+    process's `_holder` value. Params are keyed (run, key) in every store and a key logged again
+    with another value is refused, so of processes claiming one generation exactly one wins;
+    each reads back what was stored. A claim whose holder died, or ended its run without
+    finishing it, is taken over with the next generation (a rerun, a retried trial).
+    """
+    from mlflow.exceptions import MlflowException
+
+    me = _holder()
+    while True:
+        gen, last = _last_claim(client.get_run(search.parent_id).data.params, index)
+        if last is not None:
+            runs = _trial_runs(client, search, index)
+            if any(r.info.status == "FINISHED" for r in runs):
+                return None
+            mine = [r for r in runs if r.data.tags.get(CLAIM_TAG) == _claim_key(index, gen)]
+            if _claim_holds(client, search, last, mine):
+                return None
+            _end_dead_runs(client, mine)
+        key = _claim_key(index, gen + 1)
+        try:
+            client.log_param(search.parent_id, key, me)
+        except MlflowException:
+            if key not in client.get_run(search.parent_id).data.params:
+                raise
+            continue  # another process claimed this generation first: look again
+        if client.get_run(search.parent_id).data.params.get(key) == me:
+            return key
+
+
+def _claim_key(index: int, gen: int) -> str:
+    return f"{CLAIM_PREFIX}{index}.{gen}"
+
+
+def _last_claim(params: Mapping[str, str], index: int) -> tuple[int, _Holder | None]:
+    """The newest generation of trial `index`'s claims and its holder (-1, None: unclaimed)."""
+    prefix = f"{CLAIM_PREFIX}{index}."
+    gens = [int(k[len(prefix) :]) for k in params if k.startswith(prefix)]
+    if not gens:
+        return -1, None
+    gen = max(gens)
+    return gen, _Holder.parse(params[_claim_key(index, gen)]) or _Holder("", 0, "", 0.0, "")
+
+
+def _claim_holds(client, search: Search, holder: _Holder, runs: list) -> bool:
+    """Whether a claim still holds: its run (if made yet) is RUNNING and its process lives; a
+    process on another host is judged by its progress (the `stale_minutes` rule)."""
+    if any(r.info.status != "RUNNING" for r in runs):
+        return False
+    if holder.host == socket.gethostname():
+        return holder.alive()
+    if runs:
+        return not _stale(client, runs[0], search.stale_minutes)
+    return time.time() - holder.since < search.stale_minutes * 60
+
+
+def _end_dead_runs(client, runs: list) -> None:
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_tag(
+                run.info.run_id, "millvae.error", "worker died (process gone or no heartbeat)"
+            )
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _trial_runs(client, search: Search, index: int) -> list:
+    return client.search_runs(
+        [search.experiment_id],
+        filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search.search_id}' "
+        f"and tags.`{TRIAL_TAG}` = '{index}'",
+        max_results=1000,
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -231,7 +517,6 @@ def _alive(pid: int) -> bool:
 def reap_dead_trials(client, search: Search) -> int:
     """Trials left RUNNING by a worker that died (SIGKILL, OOM, lost machine) become KILLED."""
     host = socket.gethostname()
-    now = time.time() * 1000
     reaped = 0
     for run in _children(client, search):
         if run.info.status != "RUNNING":
@@ -241,18 +526,20 @@ def reap_dead_trials(client, search: Search) -> int:
         if tags.get(HOST_TAG) == host:
             dead = pid <= 0 or not _alive(pid) or pid == os.getpid()
         else:
-            last = max(
-                [m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")]
-                or [run.info.start_time]
-            )
-            dead = now - last > search.stale_minutes * 60_000
+            dead = _stale(client, run, search.stale_minutes)
         if dead:
-            client.set_tag(
-                run.info.run_id, "millvae.error", "worker died (process gone or no heartbeat)"
-            )
-            client.set_terminated(run.info.run_id, status="KILLED")
+            _end_dead_runs(client, [run])
             reaped += 1
     return reaped
+
+
+def _stale(client, run, minutes: float) -> bool:
+    """Whether a run of another host showed no progress (a logged loss) for `minutes`."""
+    last = max(
+        [m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")]
+        or [run.info.start_time]
+    )
+    return time.time() * 1000 - last > minutes * 60_000
 
 
 def pending_trials(client, search: Search) -> list[int]:
@@ -263,6 +550,32 @@ def pending_trials(client, search: Search) -> list[int]:
     return [i for i in search.my_indices() if i not in finished]
 
 
+def end_parent(client, search: Search, status: str) -> None:
+    """End the parent run `status` (a driver stopped or killed) unless trials of another
+    driver still run in it (a shard, a second start); `mlflow run` ends a parent it made."""
+    if search.parent_id == search.driver_run_id:
+        return
+    try:
+        if client.get_run(search.parent_id).info.status != "RUNNING":
+            return
+        others = [
+            r
+            for r in _children(client, search)
+            if r.info.status == "RUNNING" and r.data.tags.get(DRIVER_TAG) != search.driver
+        ]
+        if not others:
+            client.set_terminated(search.parent_id, status=status)
+    except Exception as exc:  # the store may be what failed; the next start sets it right
+        print(f"search: could not mark the parent run {status}: {exc}", file=sys.stderr)
+
+
+def _reopen_parent(client, search: Search) -> None:
+    """A parent ended KILLED or FAILED runs again while a resumed search runs in it."""
+    if search.parent_id != search.driver_run_id:
+        if client.get_run(search.parent_id).info.status != "RUNNING":
+            client.update_run(search.parent_id, status="RUNNING")
+
+
 def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict:
     """Train trial `index` as one child run; a failure is recorded, never raised."""
     import mlflow
@@ -271,6 +584,14 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
     from millvae.data import prepare
     from millvae.train import train_run
 
+    client = _client()
+    try:
+        claim = claim_trial(client, search, index)
+    except Exception as exc:  # the store refused or failed: this trial, not the worker, fails
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {"index": index, "status": "FAILED", "error": f"could not claim it: {first}"}
+    if claim is None:  # finished, or running, under another driver (a second start, a shard)
+        return {"index": index, "status": "ELSEWHERE"}
     params = {**search.trials[index], **search.overrides}
     tags = {
         "mlflow.parentRunId": search.parent_id,
@@ -278,12 +599,13 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
         TRIAL_TAG: str(index),
         PID_TAG: str(os.getpid()),
         HOST_TAG: socket.gethostname(),
+        DRIVER_TAG: search.driver,
+        CLAIM_TAG: claim,
     }
     t0 = time.perf_counter()
     try:
         cfg = make_config(**params)
     except MillvaeError as exc:  # an invalid combination: rejected before any training
-        client = _client()
         run = client.create_run(search.experiment_id, tags=tags, run_name=f"trial-{index:04d}")
         for k, v in params.items():
             client.log_param(run.info.run_id, k, str(v))
@@ -305,7 +627,7 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
         )
         m = mlflow.get_run(res.run_id).data.metrics
         # memory of the worker after each of its trials: growth across trials would show here
-        _client().log_metric(res.run_id, "worker_rss_mib", _rss_mib())
+        client.log_metric(res.run_id, "worker_rss_mib", _rss_mib())
         return {
             "index": index,
             "status": "FINISHED",
@@ -381,6 +703,9 @@ def _configure_threads(threads: int) -> None:
 
 
 _IN_TRIAL = False  # whether this worker is inside a trial (see `_on_sigterm`)
+_DRIVER_PID = 0  # the search driver this worker serves (see `_watch_driver`)
+_ORPHANED = False  # the driver died: end the trial in progress KILLED, take no other
+_SEARCH: Search | None = None  # the search this worker runs trials of
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -391,8 +716,56 @@ def _on_sigterm(signum, frame) -> None:
     os._exit(128 + signum)
 
 
-def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
+def _on_driver_death(signum, frame) -> None:
+    """The parent-death signal, or the watch thread's (see `_watch_driver`): once the driver is
+    gone, a trial in progress unwinds like Ctrl-C (its run ends KILLED) and the worker leaves
+    (`_serve`). A forked worker's parent is the first worker: one that retired while the driver
+    lives is no reason to stop."""
+    global _ORPHANED
+    if _ORPHANED or _alive(_DRIVER_PID):
+        return
+    _ORPHANED = True
+    if _IN_TRIAL:
+        raise KeyboardInterrupt("the search driver died")
+
+
+def _watch_driver(driver_pid: int, parent_pid: int) -> None:
+    """End this worker with its driver: Linux sends SIGUSR1 when the parent dies (prctl's
+    PR_SET_PDEATHSIG); `_poll_driver` covers other systems and forked workers, whose parent is
+    the first worker."""
+    global _DRIVER_PID
+    _DRIVER_PID = driver_pid
+    signal.signal(signal.SIGUSR1, _on_driver_death)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGUSR1), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _start_driver_poll(driver_pid: int) -> None:
+    import threading
+
+    threading.Thread(
+        target=_poll_driver, args=(driver_pid,), daemon=True, name="millvae-driver-watch"
+    ).start()
+
+
+def _poll_driver(driver_pid: int) -> None:
+    while _alive(driver_pid):
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    # the main thread normally ends the trial's run and leaves at once; one stuck in a native
+    # call (a store that does not answer) must not hold its memory for ever
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(137)
+
+
+def _worker_main(setup, tasks, results, finished, forks: int = 0, driver_pid: int = 0) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)  # inherited by the workers forked from this one
+    _watch_driver(driver_pid, driver_pid)
     os.environ.pop("MLFLOW_RUN_ID", None)  # the driver's run is not ours to continue
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -401,6 +774,9 @@ def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
     warnings.simplefilter("ignore")
     import logging
 
+    from millvae.quiet import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's CUDA/oneDNN start-up lines, once per worker
     import tensorflow as tf
 
     from millvae.train import preload
@@ -410,8 +786,16 @@ def _worker_main(setup, tasks, results, finished, forks: int = 0) -> None:
     preload()
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    forks = 0 if _ORPHANED else forks  # the driver died during the imports
     children = _fork_workers(forks, setup, tasks, results, finished) if forks else []
+    _start_driver_poll(driver_pid)  # after the fork: a thread does not survive one
     _serve(setup, tasks, results, finished, children)
+
+
+def _forked_main(setup, tasks, results, finished, driver_pid: int, parent_pid: int) -> NoReturn:
+    _watch_driver(driver_pid, parent_pid)  # a fork clears the parent-death signal
+    _start_driver_poll(driver_pid)
+    _serve(setup, tasks, results, finished)
 
 
 def _fork_workers(n: int, setup, tasks, results, finished) -> list:
@@ -426,7 +810,8 @@ def _fork_workers(n: int, setup, tasks, results, finished) -> list:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    kids = [ctx.Process(target=_serve, args=(setup, tasks, results, finished)) for _ in range(n)]
+    args = (setup, tasks, results, finished, _DRIVER_PID, os.getpid())
+    kids = [ctx.Process(target=_forked_main, args=args) for _ in range(n)]
     for p in kids:
         p.start()
     # before any trial: the driver watches these pids to know when every worker is gone
@@ -440,6 +825,8 @@ def _serve(setup, tasks, results, finished, children: Sequence = ()) -> NoReturn
         retired = _work(setup, tasks, results, finished)
     except KeyboardInterrupt:  # stopped mid-trial: its run already ended KILLED
         _leave(results, [], interrupted=True)
+    if _ORPHANED:  # nobody reads the results now, and forked workers watch the driver too
+        _leave(results, [], interrupted=True)
     # A retired worker leaves at once (its memory is why); its forked workers finish alone.
     _leave(results, [] if retired else children)
 
@@ -452,7 +839,7 @@ def _work(setup, tasks, results, finished) -> bool:
     """
     import queue
 
-    global _IN_TRIAL
+    global _IN_TRIAL, _SEARCH
 
     while True:
         # polled, not a blocking get: a worker stopped while it waited here can leave the queue's
@@ -461,11 +848,12 @@ def _work(setup, tasks, results, finished) -> bool:
             job = setup.get(timeout=1.0)
             break
         except queue.Empty:
-            if finished.is_set():
+            if finished.is_set() or _ORPHANED:
                 return False
     if job is None:  # the driver found less to do than workers started
         return False
     search, threads = job
+    _SEARCH = search
     _configure_threads(threads)
     from millvae.runtime import configure_threads
 
@@ -477,14 +865,16 @@ def _work(setup, tasks, results, finished) -> bool:
         try:
             index = tasks.get(timeout=1.0)
         except queue.Empty:
-            if finished.is_set():
+            if finished.is_set() or _ORPHANED:
                 break
             continue
-        if index is None:
+        if index is None or _ORPHANED:
             break
         results.put({"index": index, "status": "RUNNING", "pid": os.getpid()})
         _IN_TRIAL = True
         try:
+            if _ORPHANED:  # the driver died just now, before this trial began
+                raise KeyboardInterrupt("the search driver died")
             result = run_trial(search, index, cache)
         finally:
             _IN_TRIAL = False
@@ -504,6 +894,8 @@ def _leave(results, children: Sequence, interrupted: bool = False) -> NoReturn:
     # Every run this worker started has ended and its results are queued: flush them, then leave
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
     # Stopped, it does not wait on a driver that may no longer read the queue.
+    if _ORPHANED and _SEARCH is not None:
+        end_parent(_client(), _SEARCH, "KILLED")  # no driver is left to do it
     if interrupted:
         results.cancel_join_thread()
     results.close()
@@ -524,6 +916,8 @@ class Progress:
     ):
         self.total, self.metric, self.stream = total, metric, stream
         self.done = self.failed = self.running = 0
+        self.elsewhere = 0  # trials another driver finished or runs (see `claim_trial`)
+        self.first_error = ""  # "trial i: reason" of the first failure, for the summary line
         self.best: tuple[float, int] | None = None
         self.t0 = time.perf_counter()
         self.tty = stream.isatty()
@@ -546,12 +940,16 @@ class Progress:
                 v = result.get("metric")
                 if v is not None and (self.best is None or v > self.best[0]):
                     self.best = (v, result["index"])
+            elif status == "ELSEWHERE":
+                self.elsewhere += 1
             else:
                 self.failed += 1
+                if not self.first_error:
+                    self.first_error = f"trial {result['index']}: {result.get('error', '')}"
         self.show(final=False, last=result)
 
     def show(self, final: bool, last: dict | None = None) -> None:
-        ended = self.done + self.failed
+        ended = self.done + self.failed + self.elsewhere
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / ended * (self.total - ended) if ended else float("nan")
         cost_all = sum(self.costs.values())
@@ -559,7 +957,9 @@ class Progress:
             eta = elapsed / self.cost_ended * (cost_all - self.cost_ended)
         best = f"{self.best[0]:.4f} (trial {self.best[1]})" if self.best else "-"
         line = (
-            f"search: {ended}/{self.total} ended ({self.done} finished, {self.failed} failed), "
+            f"search: {ended}/{self.total} ended ({self.done} finished, {self.failed} failed"
+            + (f", {self.elsewhere} left to another driver" if self.elsewhere else "")
+            + "), "
             f"{self.running} running | best {self.metric} {best} | "
             f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min"
         )
@@ -609,7 +1009,7 @@ class WorkerPool:
     def _start(self, forks: int = 0):
         p = self.ctx.Process(
             target=_worker_main,
-            args=(self.setup, self.tasks, self.results, self.finished, forks),
+            args=(self.setup, self.tasks, self.results, self.finished, forks, os.getpid()),
         )
         p.start()
         return p
@@ -687,6 +1087,7 @@ def run_search(
         pool.close()
     if not todo:
         return progress
+    _reopen_parent(client, search)
     if workers <= 0:
         cache: dict = {}
         for i in todo:
@@ -821,7 +1222,8 @@ def summarize(search: Search, top: int = 10) -> dict:
             )
         )
     if n_finished + len(failed_only) >= total and search.driver_run_id != pid:
-        client.set_terminated(pid, status="FINISHED")
+        client.set_terminated(pid, status="FINISHED" if n_finished else "FAILED")
+    stats["finished_indices"] = sorted(int(i) for i in ended_idx)
     return stats
 
 
@@ -898,18 +1300,23 @@ def main(argv: list[str] | None = None) -> int:
         clash = sorted(set(spec) & set(overrides))
         if clash:
             raise MillvaeError(f"parameters both searched and fixed: {', '.join(clash)}")
-        trials = sample_trials(spec, n_iter, seed)
         from millvae.config import make_config
 
         # overrides are validated once, up front, with defaults standing in for the sampled values
         make_config(**overrides)
+        check_space(spec, overrides)  # every value a trial can draw, before any trial
+        trials = sample_trials(spec, n_iter, seed)
         search_id = args["search_id"] or default_search_id(spec, n_iter, seed, overrides)
         recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
         search = _open_search(
             args["experiment"], search_id, spec, n_iter, seed, overrides, metric, trials,
             shard, n_shards, stale,
         )  # fmt: skip
-        run_search(search, workers, pool=pool)
+        try:
+            progress = run_search(search, workers, pool=pool)
+        except BaseException as exc:  # the workers' trials in progress have ended by now
+            end_parent(_client(), search, "KILLED" if _stopped(exc) else "FAILED")
+            raise
     finally:
         if pool is not None:
             pool.close()
@@ -918,7 +1325,24 @@ def main(argv: list[str] | None = None) -> int:
         f"search {search.search_id}: {stats['n_finished']}/{stats['n_trials']} trials finished, "
         f"{stats['n_failed']} failed; parent run {search.parent_id}"
     )
+    _check_finished(search, stats, progress)
     return 0
+
+
+def _stopped(exc: BaseException) -> bool:
+    return isinstance(exc, KeyboardInterrupt | SystemExit)
+
+
+def _check_finished(search: Search, stats: dict, progress: Progress) -> None:
+    """A shard none of whose trials finished failed (unless another driver has them)."""
+    mine = search.my_indices()
+    if not mine or set(mine) & set(stats["finished_indices"]) or progress.elsewhere:
+        return
+    reason = f"; {progress.first_error}"[:300] if progress.first_error else ""
+    raise MillvaeError(
+        f"search {search.search_id}: expected at least one trial to finish; none of "
+        f"{len(mine)} did{reason}"
+    )
 
 
 def _open_search(
@@ -935,10 +1359,9 @@ def _open_search(
     stale: float,
 ) -> Search:
     """The experiment and the search's parent run, found or created."""
-    import mlflow
-
-    exp = mlflow.set_experiment(exp_name)
     client = _client()
+    driver_run = os.environ.get("MLFLOW_RUN_ID", "")
+    experiment_id = _search_experiment(client, exp_name, driver_run)
     description = {
         "n_iter": str(n_iter),
         "seed": str(seed),
@@ -947,15 +1370,15 @@ def _open_search(
         "metric": metric,
         "search_id": search_id,
     }
-    parent = open_parent(client, exp.experiment_id, search_id, description)
+    parent = open_parent(client, experiment_id, search_id, description)
     # trials must never continue the driver's run (mlflow.start_run reads MLFLOW_RUN_ID)
-    driver = os.environ.pop("MLFLOW_RUN_ID", "")
-    if driver and driver != parent:
-        client.set_tag(driver, "millvae.search_parent_run", parent)
-        client.set_tag(driver, SEARCH_ID_TAG + "_driver", search_id)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    if driver_run and driver_run != parent:  # the search's parent is older than this run
+        client.set_tag(driver_run, "millvae.search_parent_run", parent)
+        client.set_tag(driver_run, SEARCH_ID_TAG + "_driver", search_id)
     search = Search(
         search_id,
-        exp.experiment_id,
+        experiment_id,
         parent,
         trials,
         overrides,
@@ -963,6 +1386,25 @@ def _open_search(
         shard,
         n_shards,
         stale,
-        driver_run_id=driver,
+        driver_run_id=driver_run,
+        driver=f"{socket.gethostname()}|{os.getpid()}",
     )
     return search
+
+
+def _search_experiment(client, exp_name: str, driver_run: str) -> str:
+    """The experiment of the search: that of the run `mlflow run -e search` made (the parent
+    and its children belong together), else `exp_name`, created if need be."""
+    import mlflow
+
+    if not driver_run:
+        return mlflow.set_experiment(exp_name).experiment_id
+    experiment_id = client.get_run(driver_run).info.experiment_id
+    name = client.get_experiment(experiment_id).name
+    if name != exp_name:
+        print(
+            f"millvae: note: `mlflow run` created this run in experiment {name!r}; the search "
+            f"goes there (pass --experiment-name {exp_name} to `mlflow run` to file it there)",
+            file=sys.stderr,
+        )
+    return experiment_id

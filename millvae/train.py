@@ -523,7 +523,17 @@ def _log_dataset(p: Prepared) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(p.data_path)
     dataset = MetaDataset(source, name=name, digest=p.data_sha256[:36])
-    mlflow.log_input(dataset, context="training")
+    # Search workers starting trials on the same data together both insert the experiment's one
+    # dataset row; the loser's UNIQUE violation means the row exists: link to it on a retry.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except Exception as exc:  # the store's IntegrityError arrives wrapped in MlflowException
+            if attempt == 2 or "UNIQUE" not in str(exc).upper():
+                print(f"millvae: warning: dataset not linked to the run: {exc}", file=sys.stderr)
+                return
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_keras_model(model, prepared: Prepared) -> None:

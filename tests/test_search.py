@@ -99,15 +99,14 @@ def test_space_errors(tmp_path):
 def test_failed_trials_do_not_stop_the_search_and_resume_skips_finished(
     tracking, small_mat, tmp_path, capsys
 ):
-    # conv_layers 9 is invalid (max 6): those trials must be rejected before training
-    space = _space(tmp_path, extra="")
-    space_text = open(space).read().replace("conv_layers: [1]", "conv_layers: [1, 9]")
-    open(space, "w").write(space_text)
+    # every value is valid on its own (the space passes its check), but learning_rate 0.002 with
+    # lr_max 0.0015 is not: those trials must be rejected before training and recorded FAILED
+    space = _space(tmp_path, extra="learning_rate: [0.001, 0.002]\nlr_max: [0.0015, 0.02]\n")
     argv = [
         "--n_iter",
         "4",
         "--seed",
-        "3",
+        "4",
         "--workers",
         "0",
         "--space",
@@ -125,12 +124,12 @@ def test_failed_trials_do_not_stop_the_search_and_resume_skips_finished(
     runs = _children("f1")
     bad = {int(r.data.tags["millvae.trial_index"]) for r in runs if r.info.status == "FAILED"}
     good = {int(r.data.tags["millvae.trial_index"]) for r in runs if r.info.status == "FINISHED"}
-    trials = sample_trials(load_space(space), 4, 3)
-    assert bad == {i for i, t in enumerate(trials) if t["conv_layers"] == 9} and bad
+    trials = sample_trials(load_space(space), 4, 4)
+    assert bad == {i for i, t in enumerate(trials) if t["learning_rate"] > t["lr_max"]} and bad
     assert good == set(range(4)) - bad
     for r in runs:
         if r.info.status == "FAILED":
-            assert "conv_layers" in r.data.tags["millvae.error"]
+            assert "lr_max" in r.data.tags["millvae.error"]
     n_before = len(runs)
     assert main(argv) == 0  # resume: finished trials are skipped, failed ones retried
     runs = _children("f1")
@@ -279,6 +278,12 @@ def test_sigterm_to_the_driver_ends_the_trials_in_progress_killed_and_every_proc
     _group_gone(proc)
     statuses = sorted(r.info.status for r in _children("st"))
     assert statuses == ["KILLED", "KILLED"], statuses
+    (parent,) = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`millvae.search_id` = 'st' and tags.`millvae.search_parent` = 'true'",
+        output_format="list",
+    )
+    assert parent.info.status == "KILLED"  # not left RUNNING
 
 
 @pytest.mark.slow

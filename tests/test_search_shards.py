@@ -222,3 +222,29 @@ def test_scheduler_index_picks_the_shard(
     _check_trials(runs, indices=[shard], n_iter=n_iter)
     children = [r for r in runs if r.data.tags.get("millvae.search_parent") != "true"]
     assert {r.data.tags["millvae.trial_index"] for r in children} == {str(shard)}
+
+
+def test_the_same_search_started_twice_on_the_server_runs_each_trial_once(
+    mlflow_server,  # noqa: F811
+    small_data,
+    space_file,
+    tmp_path,
+):
+    # no shards: two drivers of one whole search, started together (a job submitted twice); each
+    # trial is claimed by one of them in the PostgreSQL store behind the server
+    search_id, experiment, n_iter = "twice", "search-twice", 3
+    procs, logs = [], []
+    for k in (0, 1):
+        log = tmp_path / f"driver{k}.log"
+        cmd = _search_cmd(small_data, space_file, search_id, experiment, "--n_iter", str(n_iter))
+        procs.append(_start(cmd, _env(mlflow_server), tmp_path, log))
+        logs.append(log)
+    codes = _wait_all(procs, logs)
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, _tail(log)
+
+    runs = _search_runs(MlflowClient(tracking_uri=mlflow_server), experiment, search_id)
+    _check_trials(runs, indices=[0, 1, 2], n_iter=n_iter)
+    children = [r for r in runs if r.data.tags.get("millvae.search_parent") != "true"]
+    assert len(children) == n_iter, [(r.data.tags["millvae.trial_index"], r.info.status)
+                                     for r in children]  # fmt: skip

@@ -278,9 +278,7 @@ def test_a_three_epoch_fit_has_finite_validation_loss_and_scores(tracking, synth
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_a_file_without_failures_says_why_it_has_no_detection_metrics(
-    tracking, fixture2, capsys
-):
+def test_a_file_without_failures_says_why_it_has_no_detection_metrics(tracking, fixture2, capsys):
     cfg = make_config(data=str(fixture2), signals="available", **{**TINY, "epochs": 1})
     result = train_run(cfg, verbose=0)
     run = mlflow.get_run(result.run_id)
