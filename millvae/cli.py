@@ -11,12 +11,11 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
-from millvae.errors import ArgParser as _Parser  # search.py imports it from here
-from millvae.errors import MillvaeError
+from millvae.errors import ArgParser, MillvaeError
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="millvae train", description="Train one β-VAE as one MLflow run.")
+    p = ArgParser(prog="millvae train", description="Train one β-VAE as one MLflow run.")
     for name in PARAM_NAMES:
         p.add_argument(f"--{name}", default=PARAM_DEFAULTS[name], help=PARAM_HELP[name])
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
@@ -40,13 +39,13 @@ def _fail_external_run(message: str) -> None:
 
 
 _default_showwarning = warnings.showwarning
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Our own warnings on one line, as the errors are; other libraries' as Python prints them."""
-    if category.__module__.startswith("millvae") or "millvae" in os.path.normpath(filename).split(
-        os.sep
-    ):
+    ours = os.path.abspath(filename).startswith(_PACKAGE_DIR)
+    if ours or category.__module__.startswith("millvae"):
         print(f"millvae: warning: {message}", file=file or sys.stderr, flush=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)

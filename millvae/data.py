@@ -26,7 +26,7 @@ from millvae.prep import (
     tool_class,
     window_starts,
 )
-from millvae.sources import LabelsFile, resolve_data, resolve_labels
+from millvae.sources import DataFile, resolve_data, resolve_labels
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -74,7 +74,7 @@ class Prepared:
 
 
 def prepare_from_mill(
-    mill: MillData, cfg: TrainConfig, labels_file: LabelsFile | None = None
+    mill: MillData, cfg: TrainConfig, labels_file: DataFile | None = None
 ) -> tuple:
     """Label cuts, find regions, cut windows and split them (unscaled): pure array work.
 
@@ -199,21 +199,26 @@ def _class_counts(windows: pd.DataFrame, split: str) -> str:
 
 
 def why_no_detection(prepared: Prepared, positive: str = "failed") -> str | None:
-    """Why no detection metric can be computed on this data, in one line; None when they can.
+    """Which detection figures this data cannot give, and why, in one line; None when all.
 
-    AP, ROC-AUC and the validation-chosen threshold need positive (``positive``: failed, or worn =
-    degraded + failed) and negative windows in both the validation and the test split.
+    A split without both classes (``positive``: failed, or worn = degraded + failed) gives none of
+    its own figures; a validation split without them also gives no threshold, hence no detector,
+    no F1 and no cut-level test figures (as `evaluate.evaluate` skips them).
     """
     y = positive_labels(prepared.windows["tool_class"].to_numpy(), positive)
     split = prepared.windows["split"].to_numpy()
     pos = "failed" if positive == "failed" else "worn (degraded or failed)"
     neg = "healthy or degraded" if positive == "failed" else "healthy"
+    missing = {
+        "val": "no threshold, detector, validation figures, F1 or cut-level test figures",
+        "test": "no test figures",
+    }
     gaps = []
     for part, title in (("val", "validation"), ("test", "test")):
         yp = y[split == part]
         lacks = [what for what, present in ((pos, yp.any()), (neg, (~yp).any())) if not present]
         if lacks:
-            gaps.append(f"{title} has no {' and no '.join(lacks)} window")
+            gaps.append(f"{title} has no {' and no '.join(lacks)} window ({missing[part]})")
     if not gaps:
         return None
     if not y.any():
@@ -221,7 +226,7 @@ def why_no_detection(prepared: Prepared, positive: str = "failed") -> str | None
     elif y.all():
         gaps.append(f"the data holds no {neg} window at all")
     return (
-        f"no detection metrics (positive={positive}): {'; '.join(gaps)} "
+        f"detection metrics incomplete (positive={positive}): {'; '.join(gaps)} "
         f"(validation: {_class_counts(prepared.windows, 'val')}; "
         f"test: {_class_counts(prepared.windows, 'test')})"
     )

@@ -4,7 +4,8 @@ before `/`, and a run logged some 160 single-value metrics in one section of bar
 Per-epoch curves and the headline detection figures (`val_ap_*`, `test_ap_*`, `test_cut_ap_*`,
 `*_rocauc_*`, `best_val_loss`, ...) keep their names and the first section; the rest go under
 `data/` (window and cut counts), `by_condition/` (test figures per material, depth of cut and
-feed), `interval/` (bootstrap bounds) and `detail/` (thresholds, precision, recall, F1, PR-AUC).
+feed), `interval/` (bootstrap bounds), `detail/` (thresholds, precision, recall, F1, PR-AUC) and,
+on a repeat's parent, `spread/` (std, min, max over split seeds; the means stay).
 The part after the prefix is the figure's full name, so `flat` gives every figure back under its
 one name.
 """

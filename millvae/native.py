@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCE = CSRC / "tcn_ops.cc"
 SWITCH = "MILLVAE_NATIVE_OPS"
 BUILD_TIMEOUT_S = 600
 

@@ -334,9 +334,11 @@ def register_best(
         counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         raise MillvaeError(f"{where} has no FINISHED runs ({counts})")
 
-    with_metric = [r for r in finished if _finite(flat(r.data.metrics).get(metric))]
+    # figures under their own names, grouped or not (`detail/val_f1_kl` is val_f1_kl)
+    figures = {r.info.run_id: flat(r.data.metrics) for r in runs}
+    with_metric = [r for r in finished if _finite(figures[r.info.run_id].get(metric))]
     if not with_metric:
-        if not any(metric in flat(r.data.metrics) for r in runs):
+        if not any(metric in f for f in figures.values()):
             raise MillvaeError(
                 f"unknown metric {metric}: no run of {where} logged it; "
                 f"validation metrics there: {_val_metric_names(runs)}"
@@ -362,7 +364,7 @@ def register_best(
     sign = -1.0 if higher else 1.0
     # ties go to the earlier run, so re-running register never flips between equals
     candidates.sort(
-        key=lambda r: (sign * flat(r.data.metrics)[metric], r.info.start_time or 0, r.info.run_id)
+        key=lambda r: (sign * figures[r.info.run_id][metric], r.info.start_time or 0, r.info.run_id)
     )
     chosen, uri = None, None
     for run in candidates:
@@ -377,7 +379,7 @@ def register_best(
             f"model (best by {metric}: run {best.info.run_id}); was it trained by this version?"
         )
     no_detector = candidates.index(chosen)
-    value = float(flat(chosen.data.metrics)[metric])
+    value = float(figures[chosen.info.run_id][metric])
     tags = _version_tags(chosen, metric, value, exp.name)
 
     try:
@@ -417,7 +419,7 @@ def register_best(
             print(f"millvae: warning: could not tag run {own_run}: {exc}")
 
     test_metric = paired_test_ap_metric(metric)
-    test_value = flat(chosen.data.metrics).get(test_metric) if test_metric else None
+    test_value = figures[chosen.info.run_id].get(test_metric) if test_metric else None
     return Registration(
         model_name=model_name,
         version=str(version.version),

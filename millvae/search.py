@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from millvae.config import PARAM_HELP, PARAM_NAMES, PREP_PARAMS, TrainConfig
-from millvae.errors import MillvaeError
+from millvae.errors import ArgParser, MillvaeError
 
 SEARCH_ID_TAG = "millvae.search_id"
 PARENT_TAG = "millvae.search_parent"
@@ -428,9 +428,11 @@ def claim_trial(client, search: Search, index: int) -> str | None:
     FINISHED or another live process holds it.
 
     A claim is a param `millvae.claim.<index>.<generation>` of the parent run, with this
-    process's `_holder` value. Params are keyed (run, key) in every store and a key logged again
-    with another value is refused, so of processes claiming one generation exactly one wins;
-    each reads back what was stored. A claim whose holder died, or ended its run without
+    process's `_holder` value. Params are keyed (run, key) and a key logged again with another
+    value is refused; the database stores (sqlite, PostgreSQL, a tracking server on either)
+    enforce that with a unique key, so of processes claiming one generation exactly one wins;
+    each reads back what was stored. MLflow's `file:` store checks and then writes, so two drivers
+    of one search need a database store. A claim whose holder died, or ended its run without
     finishing it, is taken over with the next generation (a rerun, a retried trial).
     """
     from mlflow.exceptions import MlflowException
@@ -774,16 +776,14 @@ def _worker_main(setup, tasks, results, finished, forks: int = 0, driver_pid: in
     warnings.simplefilter("ignore")
     import logging
 
-    from millvae.quiet import import_tensorflow
-
-    import_tensorflow()  # without TensorFlow's CUDA/oneDNN start-up lines, once per worker
-    import tensorflow as tf
-
     from millvae.train import preload
 
-    # Imports first (about 4 s), while the driver opens the store and the parent run; TensorFlow's
-    # thread pools are sized only when the first op runs, after the driver says how many workers.
+    # Imports first (about 4 s; TensorFlow without its CUDA/oneDNN start-up lines), while the
+    # driver opens the store and the parent run; TensorFlow's thread pools are sized only when
+    # the first op runs, after the driver says how many workers.
     preload()
+    import tensorflow as tf
+
     tf.get_logger().setLevel("ERROR")  # retracing notes from scoring, once per trial
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     forks = 0 if _ORPHANED else forks  # the driver died during the imports
@@ -1228,9 +1228,7 @@ def summarize(search: Search, top: int = 10) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from millvae.cli import _Parser
-
-    p = _Parser(prog="millvae search", description="Random search of β-VAEs, one run per trial.")
+    p = ArgParser(prog="millvae search", description="Random search of β-VAEs, one run per trial.")
     p.add_argument("--n_iter", default="50", help="number of trials")
     p.add_argument("--seed", dest="search_seed", default="135", help="ParameterSampler seed")
     p.add_argument("--workers", default="1", help="worker processes (0 = in this process)")
@@ -1359,6 +1357,9 @@ def _open_search(
     stale: float,
 ) -> Search:
     """The experiment and the search's parent run, found or created."""
+    from millvae.store import prepare_store
+
+    prepare_store()  # shards started together on a new sqlite store: one creates it
     client = _client()
     driver_run = os.environ.get("MLFLOW_RUN_ID", "")
     experiment_id = _search_experiment(client, exp_name, driver_run)

@@ -68,19 +68,10 @@ class SyntheticDataWarning(UserWarning):
 
 @dataclass(frozen=True)
 class DataFile:
-    """A resolved data file: absolute path, where it came from, and its content hash."""
+    """A resolved data or labels file: absolute path, where it came from, its content hash."""
 
     path: Path
-    origin: str  # "file" | "nasa" | "synthetic"
-    sha256: str
-
-
-@dataclass(frozen=True)
-class LabelsFile:
-    """A resolved labels CSV: absolute path, where it came from, and its content hash."""
-
-    path: Path
-    origin: str  # "file" | "seed"
+    origin: str  # "file" | "nasa" | "synthetic"; for a labels CSV "file" | "seed"
     sha256: str
 
 
@@ -117,15 +108,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return _HASH_MEMO[key]
 
 
-def _sha256_now(path: Path) -> str | None:
-    """Hex sha256 of a small file read afresh (None when unreadable): no memo, so a file rewritten
-    within the same mtime tick is never taken for its earlier self."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -140,7 +122,7 @@ def _make_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(lock_path: Path, waiting_note: str) -> Iterator[None]:
+def file_lock(lock_path: Path, waiting_note: str) -> Iterator[None]:
     """Hold an exclusive advisory lock so parallel trials do one download/generation, not many."""
     if fcntl is None:  # pragma: no cover - Windows
         yield
@@ -168,9 +150,11 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
-def _matches(path: Path, size: int, sha256: str) -> bool:
+def _matches(path: Path, size: int | None, sha256: str) -> bool:
+    """Whether `path` is a file of `size` bytes (any size: None) with that sha256."""
     try:
-        return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
+        sized = size is None or path.stat().st_size == size
+        return path.is_file() and sized and sha256_file(path) == sha256
     except OSError:
         return False
 
@@ -400,7 +384,7 @@ def download_nasa(
     if _matches(target, mat_size, mat_sha256):
         return target.resolve()
     _make_dir(folder)
-    with _file_lock(folder / f".{MAT_NAME}.lock", f"waiting for another process to fetch {target}"):
+    with file_lock(folder / f".{MAT_NAME}.lock", f"waiting for another process to fetch {target}"):
         # another process may have finished the download while this one waited for the lock
         if _matches(target, mat_size, mat_sha256):
             return target.resolve()
@@ -457,12 +441,12 @@ def download_seed_labels(
     url = url or os.environ.get("MILLVAE_LABELS_URL") or SEED_LABELS_URL
     want = (sha256 or SEED_LABELS_SHA256).lower()
     target = folder / SEED_LABELS_NAME
-    if _sha256_now(target) == want:
+    if _matches(target, None, want):
         return target.resolve()
     _make_dir(folder)
     note = f"waiting for another process to fetch {target}"
-    with _file_lock(folder / f".{SEED_LABELS_NAME}.lock", note):
-        if _sha256_now(target) == want:  # fetched by another process while this one waited
+    with file_lock(folder / f".{SEED_LABELS_NAME}.lock", note):
+        if _matches(target, None, want):  # fetched by another process while this one waited
             return target.resolve()
         hint = f"put the seed's {SEED_LABELS_NAME} (sha256 {want}) at {target} or pass labels=PATH"
         stale = target.exists()
@@ -480,7 +464,7 @@ def download_seed_labels(
         try:
             # a 6 kB file: no progress bar, only the two lines around it
             _fetch(url, tmp, timeout, False, hint=hint, limit=SEED_LABELS_MAX_BYTES)
-            got = _sha256_now(tmp)
+            got = sha256_file(tmp)
             if got != want:
                 raise MillvaeError(
                     f"labels CSV from {url}: expected sha256 {want}, got {got} "
@@ -508,7 +492,7 @@ def _synthetic_file(folder: Path, seed: int) -> Path:
         return target.resolve()
     _make_dir(folder)
     note = f"waiting for another process to write {target}"
-    with _file_lock(folder / f".{target.name}.lock", note):
+    with file_lock(folder / f".{target.name}.lock", note):
         if target.is_file():
             return target.resolve()
         tmp = _tmp_path(folder, ".mat")  # ends in .mat so savemat does not append another suffix
@@ -542,9 +526,15 @@ def _as_file(data: str) -> DataFile:
     return DataFile(p, "file", sha256_file(p))
 
 
+_SAID: set[str] = set()
+
+
 def _say(message: str) -> None:
-    """Which data a run uses and why, in its first lines (before any download starts)."""
-    print(f"millvae: {message}", file=sys.stderr, flush=True)
+    """Which data a run uses and why, in its first lines (before any download starts); once per
+    process (a search prepares the data again for each new window size)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"millvae: {message}", file=sys.stderr, flush=True)
 
 
 def _auto(synthetic_seed: int) -> DataFile:
@@ -575,11 +565,10 @@ def _auto(synthetic_seed: int) -> DataFile:
     if _env_flag("MILLVAE_OFFLINE"):
         why = "MILLVAE_OFFLINE is set, so no download was tried"
     else:
-        url = os.environ.get("MILLVAE_NASA_URL") or NASA_URL
         _say(
             f"data=auto: no real data yet ($MILLVAE_DATA unset, no ./data/{MAT_NAME}, "
-            f"no {cached}); downloading the UC Berkeley milling data once from {url} "
-            "(MILLVAE_OFFLINE=1 skips this; without it the synthetic simulator is used)"
+            f"no {cached}); fetching the UC Berkeley milling data once from NASA "
+            "(MILLVAE_OFFLINE=1 skips this; if it fails, the synthetic simulator is used)"
         )
         try:
             path = download_nasa(folder)
@@ -617,7 +606,7 @@ def resolve_data(data: str, *, synthetic_seed: int = 0) -> DataFile:
     return _as_file(text)
 
 
-def resolve_labels(labels: str, *, progress: bool = True) -> LabelsFile | None:
+def resolve_labels(labels: str, *, progress: bool = True) -> DataFile | None:
     """Turn the ``labels`` parameter into a local CSV: None for empty (detect the regions).
 
     ``seed`` is the seed's published labels CSV, fetched once into the cache and checked against
@@ -629,13 +618,13 @@ def resolve_labels(labels: str, *, progress: bool = True) -> LabelsFile | None:
         return None
     if text.lower() in LABELS_WORDS:
         path = download_seed_labels(progress=progress)
-        return LabelsFile(path, "seed", sha256_file(path))
+        return DataFile(path, "seed", SEED_LABELS_SHA256)  # just checked against it
     p = Path(text).expanduser()
     if not p.is_file():
         why = "a directory" if p.is_dir() else "no such file"
         raise MillvaeError(f"labels: expected a CSV file or 'seed'; got {text!r} ({why})")
     p = p.resolve()
-    return LabelsFile(p, "file", sha256_file(p))
+    return DataFile(p, "file", sha256_file(p))
 
 
 # ----------------------------------------------------------------------------------------------

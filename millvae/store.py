@@ -11,7 +11,6 @@ are left to MLflow.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from millvae.errors import MillvaeError
@@ -37,34 +36,33 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(database).absolute()
 
 
+_READY: set[str] = set()  # stores this process has prepared: later calls cost nothing
+
+
 def prepare_store(tracking_uri: str | None = None) -> None:
     """Create and migrate a sqlite tracking store (`tracking_uri`, else MLflow's current one)
     under a file lock, so that processes starting together do not race to create its tables.
-    Other stores: nothing. Where the store exists already this costs a lock and one query."""
+    Other stores: nothing. Once per store and process (a search worker runs many trials)."""
     import mlflow
+
+    from millvae.sources import file_lock
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     db = sqlite_path(uri)
-    if db is None:
+    if db is None or uri in _READY:
         return
     try:
         db.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does for sqlite stores
-        fd = os.open(f"{db}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError as exc:
-        if db.is_file():  # a read-only store that exists: nothing to create, nothing to race
+        with file_lock(Path(f"{db}.lock"), f"waiting for another process to create {db}"):
             _initialise(uri)
-            return
-        raise MillvaeError(
-            f"expected a writable folder for the MLflow store {uri}, got "
-            f"{type(exc).__name__}: {exc.strerror or exc}"
-        ) from None
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _initialise(uri)
-    finally:
-        os.close(fd)  # closing releases the lock
+    except OSError as exc:  # no lock file possible: a read-only folder
+        if not db.is_file():
+            raise MillvaeError(
+                f"expected a writable folder for the MLflow store {uri}, got "
+                f"{type(exc).__name__}: {exc.strerror or exc}"
+            ) from None
+        _initialise(uri)  # a read-only store that exists: nothing to create, nothing to race
+    _READY.add(uri)
 
 
 def _initialise(uri: str) -> None:

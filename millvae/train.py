@@ -23,6 +23,7 @@ from millvae.config import TrainConfig
 from millvae.data import Prepared, prepare, why_no_detection
 from millvae.errors import MillvaeError
 from millvae.metric_groups import grouped
+from millvae.quiet import import_tensorflow
 
 # mlflow's generated run names look like "bold-cat-123"; only those are replaced by ours
 _GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
@@ -43,16 +44,10 @@ class TrainResult:
     evaluation: object = None
 
 
-def _quiet_tensorflow() -> None:
-    from millvae.quiet import import_tensorflow
-
-    import_tensorflow()
-
-
 def preload() -> None:
     """Import what a training run uses, then keep the garbage collector off it (see
     `millvae.runtime.settle_gc`)."""
-    _quiet_tensorflow()
+    import_tensorflow()
     import mlflow  # noqa: F401
 
     import millvae.detector
@@ -286,7 +281,7 @@ def _quiet_first_step():
 
 def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
     """Build and train the β-VAE on healthy training windows; early stop on healthy validation."""
-    _quiet_tensorflow()
+    import_tensorflow()
     import keras
 
     from millvae.model import FusedAdam
@@ -357,7 +352,7 @@ def train_run(
     experiment_id: str | None = None,
 ) -> TrainResult:
     """Prepare data (unless given), train and log everything to one MLflow run."""
-    _quiet_tensorflow()
+    import_tensorflow()
     import mlflow
 
     from millvae import plots
@@ -374,7 +369,7 @@ def train_run(
             mlflow.set_tag("mlflow.runName", cfg.run_name(prepared.data_source))
         why = why_no_detection(prepared, cfg.positive)
         if why:  # said up front, not discovered as missing metrics after the fit
-            print(f"millvae: warning: {why}", file=sys.stderr, flush=True)
+            warnings.warn(why, stacklevel=2)
             mlflow.set_tag("millvae.no_detection", why)
         model, history, seconds = fit(cfg, prepared, [_epoch_logger()], verbose=verbose)
         best_idx = history.attrs["best_epoch"] - 1

@@ -351,14 +351,16 @@ def test_two_healthy_records_say_why_there_are_no_detection_metrics(tmp_path):
     why = why_no_detection(p)
     nv, nt = c["n_val"], c["n_test"]
     assert why == (
-        "no detection metrics (positive=failed): validation has no failed window; "
-        "test has no failed window; the data holds no failed window at all "
+        "detection metrics incomplete (positive=failed): validation has no failed window "
+        "(no threshold, detector, validation figures, F1 or cut-level test figures); "
+        "test has no failed window (no test figures); the data holds no failed window at all "
         f"(validation: {nv} healthy / 0 degraded / 0 failed; "
         f"test: {nt} healthy / 0 degraded / 0 failed)"
     )
     assert "\n" not in why
     assert why_no_detection(p, "worn").startswith(
-        "no detection metrics (positive=worn): validation has no worn (degraded or failed) window"
+        "detection metrics incomplete (positive=worn): validation has no worn (degraded or failed) "
+        "window"
     )
 
 
@@ -389,8 +391,9 @@ def test_only_the_split_that_lacks_a_class_is_named():
         regions_from="detected",
     )
     assert why_no_detection(p) == (
-        "no detection metrics (positive=failed): test has no failed window "
-        "(validation: 1 healthy / 0 degraded / 1 failed; test: 1 healthy / 1 degraded / 0 failed)"
+        "detection metrics incomplete (positive=failed): test has no failed window "
+        "(no test figures) (validation: 1 healthy / 0 degraded / 1 failed; "
+        "test: 1 healthy / 1 degraded / 0 failed)"
     )
     assert why_no_detection(p, "worn") is None
 

@@ -19,7 +19,7 @@ from millvae.errors import MillvaeError
 from millvae.prep import read_labels
 from millvae.sources import (
     SEED_LABELS_NAME,
-    LabelsFile,
+    DataFile,
     download_seed_labels,
     resolve_labels,
 )
@@ -104,7 +104,7 @@ def test_published_url_and_checksum_are_the_seed_repositorys():
 
 def test_fetch_verifies_caches_and_the_second_resolve_makes_no_request(cache, seed_served):
     got = resolve_labels("seed", progress=False)
-    assert got == LabelsFile((cache / SEED_LABELS_NAME).resolve(), "seed", _sha(CSV))
+    assert got == DataFile((cache / SEED_LABELS_NAME).resolve(), "seed", _sha(CSV))
     assert got.path.read_bytes() == CSV
     assert seed_served.requests == ["/labels.csv"]
     assert _leftovers(cache) == [SEED_LABELS_NAME]
@@ -169,7 +169,7 @@ def test_labels_path_and_empty_work_as_before(tmp_path):
     csv = tmp_path / "mine.csv"
     csv.write_bytes(CSV)
     got = resolve_labels(str(csv))
-    assert got == LabelsFile(csv.resolve(), "file", _sha(CSV))
+    assert got == DataFile(csv.resolve(), "file", _sha(CSV))
     assert resolve_labels("") is None and resolve_labels("  ") is None
     path = write_mill(tmp_path / "mill.mat", tool_records(1, [0.0, np.nan, 0.11]))
     p = prepare(make_config(data=str(path), labels=str(csv)))

@@ -145,7 +145,8 @@ def test_readme_command_one_files_a_labelled_run_in_millvae_and_says_which_data_
     assert out.returncode == 0, out.stderr[-3000:]
     ours = [line for line in out.stderr.splitlines() if line.startswith("millvae:")]
     assert ours[0].startswith("millvae: data=auto: no real data yet"), ours[:3]
-    assert "downloading the UC Berkeley milling data once from http://127.0.0.1:9/" in ours[0]
+    assert "fetching the UC Berkeley milling data once from NASA" in ours[0]
+    assert "downloading http://127.0.0.1:9/" in out.stderr  # where from, before it is tried
     assert any("using the SYNTHETIC simulator" in line for line in ours[:4]), ours[:4]
     (run,) = mlflow.search_runs(experiment_names=["millvae"], output_format="list")
     assert run.info.run_name.endswith("_window_synthetic_ep1")
