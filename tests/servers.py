@@ -34,6 +34,63 @@ DB_NAME = "mlflow"
 START_TIMEOUT_S = 180.0
 
 
+def isolate_downloads(tmp_path: Path, monkeypatch, keep_nasa_url: bool = False) -> Path:
+    """A tmp cache folder and a clean cwd, downloads allowed (loopback only), and none of the
+    caller's millvae or proxy settings; returns the cache folder."""
+    names = ["MILLVAE_DATA", "MILLVAE_LABELS_URL", "MILLVAE_OFFLINE", "XDG_CACHE_HOME"]
+    names += [] if keep_nasa_url else ["MILLVAE_NASA_URL"]
+    names += ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+    for var in names:
+        monkeypatch.delenv(var, raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MILLVAE_CACHE", str(cache))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return cache
+
+
+@contextlib.contextmanager
+def serving_folder(tmp_path: Path) -> Iterator[FileServer]:
+    """A loopback HTTP server of the new folder tmp_path/served, closed afterwards."""
+    root = tmp_path / "served"
+    root.mkdir()
+    srv = FileServer(root)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@contextlib.contextmanager
+def serving_model(model_uri: str, cwd: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """`mlflow models serve` of `model_uri` on a free loopback port, up once /ping answers:
+    (base URL, process group id); the whole group (uvicorn and its workers) ended afterwards."""
+    port = free_port()
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    log_path = cwd / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the model server did not answer /ping"
+                time.sleep(0.5)
+        yield base, server.pid
+    finally:
+        _stop_group(server, signal.SIGTERM, 30)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -29,6 +26,8 @@ from millvae.detector import (
 )
 from millvae.errors import MillvaeError
 from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
+
+from .servers import serving_model
 
 pytestmark = pytest.mark.slow
 
@@ -351,12 +350,6 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def strict_json(text: str | bytes) -> object:
     """json.loads as strict parsers read JSON: the NaN and Infinity tokens are refused."""
 
@@ -439,32 +432,8 @@ def test_logged_detector_loads_in_a_fresh_process_and_serves(trained, tracking, 
     name = "millvae-detector-test"
     version = mlflow.register_model(info.model_uri, name).version
     MlflowClient().set_registered_model_alias(name, "champion", version)
-    port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    log = (tmp_path / "serve.log").open("w")
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(
-        command,
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the workers go down with it
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the model server did not answer /ping"
-                time.sleep(0.5)
-
+    with serving_model(f"models:/{name}@champion", tmp_path, env) as (base, _):
         status, body = _post(f"{base}/invocations", {"dataframe_split": frame.to_dict("split")})
         assert status == 200, body
         _assert_same(pd.DataFrame(body["predictions"]), expected)
@@ -486,9 +455,6 @@ def test_logged_detector_loads_in_a_fresh_process_and_serves(trained, tracking, 
         # the default body limit: refused on the header, before the body is read
         status, body = _declare_body(base, MAX_BODY_BYTES + 1)
         assert status == 413 and f"at most {MAX_BODY_BYTES} bytes" in body["message"], body
-    finally:
-        _stop(server)
-        log.close()
 
 
 def _declare_body(base: str, length: int) -> tuple[int, dict]:
@@ -504,20 +470,6 @@ def _declare_body(base: str, length: int) -> tuple[int, dict]:
         return response.status, strict_json(response.read())
     finally:
         conn.close()
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """End the server's process group (it started it: uvicorn and its workers)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def test_a_detector_that_cannot_score_its_example_is_not_logged(trained, tracking):

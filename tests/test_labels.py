@@ -24,7 +24,7 @@ from millvae.sources import (
     resolve_labels,
 )
 
-from .servers import FileServer, free_port
+from .servers import FileServer, free_port, isolate_downloads, serving_folder
 from .test_data_prep import SEED_TABLE, tool_records, write_mill
 
 HEADER = "case,run,VB,time,DOC,feed,material,cut_no,tool_class,window_start,window_end\n"
@@ -40,16 +40,7 @@ def _sha(data: bytes) -> str:
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Cache in a tmp folder, a clean cwd, downloads allowed (loopback only), no proxies."""
-    for var in ("MILLVAE_LABELS_URL", "MILLVAE_OFFLINE", "XDG_CACHE_HOME", "MILLVAE_DATA"):
-        monkeypatch.delenv(var, raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MILLVAE_CACHE", str(cache))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return cache
+    return isolate_downloads(tmp_path, monkeypatch, keep_nasa_url=True)
 
 
 @pytest.fixture
@@ -60,11 +51,8 @@ def cache(isolated: Path) -> Path:
 @pytest.fixture
 def file_server(tmp_path: Path):
     """A loopback HTTP server standing in for GitHub's raw file host."""
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = FileServer(root)
-    yield srv
-    srv.close()
+    with serving_folder(tmp_path) as srv:
+        yield srv
 
 
 @pytest.fixture

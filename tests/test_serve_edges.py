@@ -9,13 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +19,8 @@ import pytest
 from millvae.detector import MAX_BODY_ENV, MAX_WINDOWS_ENV, _env_limit, signal_ranges
 from millvae.errors import MillvaeError
 
-from .test_detector import Trained, _free_port, _stop, as_frame, strict_json
+from .servers import serving_model
+from .test_detector import Trained, as_frame, strict_json
 from .test_detector import trained as trained  # the module-scoped fixture, shared
 
 pytestmark = pytest.mark.slow
@@ -67,38 +63,12 @@ def served(trained, tmp_path_factory) -> Iterator[Served]:
         finally:
             mlflow.set_tracking_uri(None)
 
-    port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env[MAX_BODY_ENV], env[MAX_WINDOWS_ENV] = str(MAX_BODY), str(MAX_WINDOWS)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    log_path = tmp / "serve.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            command,
-            env=env,
-            cwd=tmp,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the workers go down with it
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the model server did not answer /ping"
-                time.sleep(0.5)
+    with serving_model(info.model_uri, tmp, env) as (base, pgid):
         frame = as_frame(trained.raw[:3], trained.signals, trained.conditions.iloc[:3])
-        yield Served(base, server.pid, trained, frame)
-    finally:
-        _stop(server)
+        yield Served(base, pgid, trained, frame)
 
 
 def _request(

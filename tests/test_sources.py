@@ -20,6 +20,7 @@ from millvae.errors import MillvaeError
 from millvae.sources import DataFile, default_cache_dir, download_nasa, resolve_data, sha256_file
 
 from .servers import FileServer as Server
+from .servers import isolate_downloads, serving_folder
 
 MAT_BYTES = random.Random(0).randbytes(300_000)  # stands in for mill.mat: any bytes will do
 
@@ -51,22 +52,7 @@ def _sha(data: bytes) -> str:
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Cache in a tmp folder, a clean cwd, no millvae/proxy settings from the caller's shell."""
-    for var in (
-        "MILLVAE_DATA",
-        "MILLVAE_NASA_URL",
-        "MILLVAE_LABELS_URL",
-        "MILLVAE_OFFLINE",
-        "XDG_CACHE_HOME",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MILLVAE_CACHE", str(cache))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return cache
+    return isolate_downloads(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -76,11 +62,8 @@ def cache(isolated: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path: Path):
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = Server(root)
-    yield srv
-    srv.close()
+    with serving_folder(tmp_path) as srv:
+        yield srv
 
 
 @pytest.fixture
