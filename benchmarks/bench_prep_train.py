@@ -29,10 +29,9 @@ from sklearn.model_selection import train_test_split
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from millvae.config import PAPER_BEST, TrainConfig, make_config
-from millvae.data import Prepared, prepare
-from millvae.errors import MillvaeError
-from millvae.mat import load_mill
-from millvae.prep import (
+from millvae.data.mat import load_mill
+from millvae.data.prepare import Prepared, prepare
+from millvae.data.windows import (
     MinMaxScaler,
     cut_windows,
     interpolate_flank_wear,
@@ -42,6 +41,7 @@ from millvae.prep import (
     tool_class,
     window_starts,
 )
+from millvae.errors import MillvaeError
 from millvae.train import fit
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "milling"
@@ -152,7 +152,7 @@ def run_seed_way(mat_path: Path, labels_path: Path) -> tuple[SeedResult, dict[st
 
 
 def run_millvae_stages(cfg: TrainConfig, mat_path: Path) -> tuple[np.ndarray, dict[str, float]]:
-    """The steps of `millvae.data.prepare` timed one by one (split=window, regions from labels)."""
+    """The steps of `millvae.data.prepare.prepare` timed one by one (split=window)."""
     times: dict[str, float] = {}
     t = time.perf_counter()
     mill = load_mill(mat_path, cfg.signals)

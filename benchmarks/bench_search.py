@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed |= {"data": str(mat), "signals": "available", "labels": str(labels)}
         data_label = f"real data ({MAT_NAME}, 5 signals)"
     else:
-        from millvae.synthetic import write_synthetic_mat
+        from millvae.data.synthetic import write_synthetic_mat
 
         synth = write_synthetic_mat(work / "mill_synthetic.mat", seed=0)
         fixed |= {"data": str(synth)}

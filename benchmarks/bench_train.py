@@ -142,9 +142,9 @@ def run_arm(
     import keras
 
     from millvae.config import make_config
-    from millvae.data import prepare
-    from millvae.evaluate import evaluate
-    from millvae.scoring import window_scores
+    from millvae.data.prepare import prepare
+    from millvae.detect.evaluate import evaluate
+    from millvae.detect.scoring import window_scores
     from millvae.train import MIN_DELTA, build_model, fit, preload
 
     if arm != "ref":
@@ -201,12 +201,12 @@ def run_arm(
     if arm == "ref":
         import contextlib
 
-        import millvae.model
+        import millvae.model.vae
 
         # the TCNs exactly as keras-tcn builds them, with Keras' own Conv1D and BatchNormalization
-        millvae.model.TCN_LAYER = millvae.model.TCN
-        millvae.model._tcn_conv_layers = contextlib.nullcontext
-        millvae.model.BATCH_NORM = keras.layers.BatchNormalization
+        millvae.model.vae.TCN_LAYER = millvae.model.vae.TCN
+        millvae.model.vae._tcn_conv_layers = contextlib.nullcontext
+        millvae.model.vae.BATCH_NORM = keras.layers.BatchNormalization
         model = build_model(cfg, x_train.shape[2])
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         stop = []

@@ -51,8 +51,8 @@ def main() -> int:
     warnings.simplefilter("ignore")
     from millvae.baseline import run_baseline
     from millvae.config import make_config
-    from millvae.data import prepare
-    from millvae.mat import load_mill
+    from millvae.data.mat import load_mill
+    from millvae.data.prepare import prepare
     from millvae.train import train_run
 
     mill = load_mill(mat, "available")
@@ -89,7 +89,7 @@ def main() -> int:
 
 
 def _sha(path: Path) -> str:
-    from millvae.sources import sha256_file
+    from millvae.data.sources import sha256_file
 
     return sha256_file(path)
 

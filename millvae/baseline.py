@@ -60,8 +60,8 @@ def run_baseline(cfg, pca_variance: float = 0.95, n_estimators: int = 200) -> st
     """One MLflow run with both baselines' metrics, plots and per-window scores."""
     import mlflow
 
-    from millvae.data import prepare
-    from millvae.evaluate import add_condition_scores, evaluate_and_log
+    from millvae.data.prepare import prepare
+    from millvae.detect.evaluate import add_condition_scores, evaluate_and_log
     from millvae.train import _log_data, tracked_run
 
     name = f"baseline_pca-{pca_variance:g}_iforest-{n_estimators}_split-{cfg.split}"

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     _install_sigterm()
     try:
         if argv[0] == "download":
-            from millvae.sources import main as download_main
+            from millvae.data.sources import main as download_main
 
             return int(download_main(argv[1:]) or 0)
         if argv[0] == "baseline":

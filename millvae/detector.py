@@ -2,8 +2,8 @@
 
 It bundles the Keras β-VAE (`.keras`), the min-max scaler fitted on the training split, the
 condition normalizer and the thresholds chosen on validation (one JSON file). Scores come from the
-same functions the training run evaluates with (`millvae.scoring`), so a served window gets exactly
-the score the run's metrics were computed from.
+same functions the training run evaluates with (`millvae.detect.scoring`), so a served window
+gets exactly the score the run's metrics were computed from.
 
 Input (the signature is column-based): a DataFrame with one column per signal, named as in
 training (e.g. smcAC, smcDC, vib_table, vib_spindle, AE_table, AE_spindle), raw (unscaled) values,
@@ -75,14 +75,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, ErrorCode
 
 import millvae
-from millvae.errors import MillvaeError
-from millvae.prep import MinMaxScaler
-from millvae.scoring import (
+from millvae.data.windows import MinMaxScaler
+from millvae.detect.scoring import (
     CONDITION_COLUMNS,
     ConditionNormalizer,
     condition_keys,
     window_scores,
 )
+from millvae.errors import MillvaeError
 
 __all__ = [
     "MillDetector",
@@ -484,12 +484,12 @@ class MillDetector(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        # importing millvae.model registers BetaVAE (and keras-tcn's TCN) with Keras
+        # importing millvae.model.vae registers BetaVAE (and keras-tcn's TCN) with Keras
         import keras
 
-        import millvae.model
+        import millvae.model.vae
 
-        millvae.model.warm_keras_saving()
+        millvae.model.vae.warm_keras_saving()
         with open(context.artifacts["config"], encoding="utf-8") as f:
             self.config = json.load(f)
         # no limit in process: the caller owns its data; a server takes anyone's
@@ -745,7 +745,7 @@ def log_detector(
     # serving logged detectors is what the tests check.
     score_raw(keras_model, config, example_raw[:2], cond)
 
-    from millvae.model import warm_keras_saving
+    from millvae.model.vae import warm_keras_saving
 
     with tempfile.TemporaryDirectory(prefix="millvae-detector-") as tmp:
         tmp_path = Path(tmp)

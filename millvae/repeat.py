@@ -56,9 +56,9 @@ def summarize(per_seed: pd.DataFrame) -> dict[str, float]:
 def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFrame]:
     import mlflow
 
-    from millvae.data import prepare
-    from millvae.mat import load_mill
-    from millvae.sources import resolve_data
+    from millvae.data.mat import load_mill
+    from millvae.data.prepare import prepare
+    from millvae.data.sources import resolve_data
     from millvae.train import log_params_once, tracked_run, train_run
 
     if cfg.split == "window":

@@ -45,7 +45,7 @@ def prepare_store(tracking_uri: str | None = None) -> None:
     Other stores: nothing. Once per store and process (a search worker runs many trials)."""
     import mlflow
 
-    from millvae.sources import file_lock
+    from millvae.cache import file_lock
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     db = sqlite_path(uri)

@@ -20,7 +20,7 @@ import pandas as pd
 
 import millvae
 from millvae.config import TrainConfig
-from millvae.data import Prepared, prepare, why_no_detection
+from millvae.data.prepare import Prepared, prepare, why_no_detection
 from millvae.errors import MillvaeError
 from millvae.metric_groups import grouped
 from millvae.quiet import import_tensorflow
@@ -50,10 +50,6 @@ def preload() -> None:
     import_tensorflow()
     import mlflow  # noqa: F401
 
-    import millvae.detector
-    import millvae.evaluate
-    import millvae.model
-    import millvae.plots  # noqa: F401
     from millvae.runtime import settle_gc
 
     settle_gc()
@@ -168,7 +164,7 @@ def _epoch_logger():
 
 def build_model(cfg: TrainConfig, n_signals: int):
     """A freshly initialised β-VAE of the run's architecture (seeds Keras with `cfg.seed`)."""
-    from millvae.model import build_vae
+    from millvae.model.vae import build_vae
 
     return build_vae(
         window_size=cfg.window_size,
@@ -195,7 +191,7 @@ def learning_rate(cfg: TrainConfig, n_train: int):
     """The run's learning rate: a constant, or the OneCycle schedule over optimizer steps."""
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
-    from millvae.model import OneCycle
+    from millvae.model.vae import OneCycle
 
     total = cfg.lr_cycle_epochs * steps_per_epoch(n_train, cfg.batch_size)
     return OneCycle(
@@ -284,7 +280,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     import_tensorflow()
     import keras
 
-    from millvae.model import FusedAdam
+    from millvae.model.vae import FusedAdam
     from millvae.runtime import configure_threads
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
@@ -355,7 +351,7 @@ def train_run(
     import_tensorflow()
     import mlflow
 
-    from millvae import plots
+    from millvae.detect import plots
 
     with tracked_run(
         cfg, nested=nested, tags=tags, run_name=run_name, experiment_id=experiment_id
@@ -411,7 +407,12 @@ def evaluate_run(model, prepared: Prepared, cfg: TrainConfig):
     """Score every window, log detection metrics, plots, scores and the pyfunc detector."""
     import mlflow
 
-    from millvae.evaluate import VAE_SCORES, evaluate_and_log, reconstruction_examples, vae_scores
+    from millvae.detect.evaluate import (
+        VAE_SCORES,
+        evaluate_and_log,
+        reconstruction_examples,
+        vae_scores,
+    )
 
     t0 = time.perf_counter()
     scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
@@ -538,7 +539,7 @@ def log_keras_model(model, prepared: Prepared) -> None:
 
     from millvae.detector import NoReloadFlavor
     from millvae.detector import pip_requirements as detector_pip_requirements
-    from millvae.model import CUSTOM_OBJECTS, warm_keras_saving
+    from millvae.model.vae import CUSTOM_OBJECTS, warm_keras_saving
 
     warm_keras_saving()
     example = prepared.get("val")[:2]

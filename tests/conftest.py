@@ -59,7 +59,7 @@ def labels_csv() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_mat(tmp_path_factory) -> Path:
     """A full-size synthetic mill.mat (all 16 cases, six signals), written once per session."""
-    from millvae.synthetic import write_synthetic_mat
+    from millvae.data.synthetic import write_synthetic_mat
 
     path = tmp_path_factory.mktemp("synthetic") / "mill_synthetic.mat"
     return write_synthetic_mat(path, seed=0)

@@ -9,10 +9,9 @@ import scipy.io
 
 from millvae import SIGNAL_NAMES
 from millvae.config import make_config
-from millvae.data import Prepared, prepare, why_no_detection
-from millvae.errors import MillvaeError
-from millvae.mat import load_mill
-from millvae.prep import (
+from millvae.data.mat import load_mill
+from millvae.data.prepare import Prepared, prepare, why_no_detection
+from millvae.data.windows import (
     MinMaxScaler,
     cut_windows,
     interpolate_flank_wear,
@@ -21,6 +20,7 @@ from millvae.prep import (
     tool_class,
     window_starts,
 )
+from millvae.errors import MillvaeError
 
 
 def test_loader_reads_the_real_two_cut_fixture_with_all_six_signals(fixture2):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from millvae.detect.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 from millvae.detector import (
     MAX_BODY_BYTES,
     detector_config,
@@ -25,7 +26,6 @@ from millvae.detector import (
     signal_ranges,
 )
 from millvae.errors import MillvaeError
-from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 
 from .servers import serving_model
 
@@ -47,7 +47,7 @@ class Trained:
 
 def _tiny_vae():
     """The β-VAE the tests score with: 6 synthetic signals, one small TCN layer."""
-    from millvae.model import build_vae
+    from millvae.model.vae import build_vae
 
     return build_vae(
         window_size=64,
@@ -69,9 +69,9 @@ def trained(synthetic_mat) -> Trained:
     import keras
 
     from millvae.config import make_config
-    from millvae.data import prepare
-    from millvae.mat import load_mill
-    from millvae.prep import cut_windows
+    from millvae.data.mat import load_mill
+    from millvae.data.prepare import prepare
+    from millvae.data.windows import cut_windows
 
     mill = load_mill(synthetic_mat)
     prepared = prepare(make_config(data=str(synthetic_mat)), mill=mill)
@@ -294,7 +294,7 @@ def test_values_far_outside_the_training_range_are_still_scored(trained):
 
 def test_detector_config_refuses_what_it_cannot_serve(trained):
     t = trained
-    from millvae.prep import MinMaxScaler
+    from millvae.data.windows import MinMaxScaler
 
     scaler = MinMaxScaler.from_dict(t.config["scaler"])
     ok = dict(scaler=scaler, normalizer=t.normalizer, thresholds=t.config["thresholds"])

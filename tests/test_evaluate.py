@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from millvae.config import make_config
-from millvae.evaluate import add_condition_scores, evaluate
+from millvae.detect.evaluate import add_condition_scores, evaluate
 
 
 def _toy(seed: int = 0, n_cuts: int = 40, per_cut: int = 10):

@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from millvae import sources
 from millvae.config import make_config
-from millvae.data import prepare
-from millvae.errors import MillvaeError
-from millvae.prep import read_labels
-from millvae.sources import (
+from millvae.data import sources
+from millvae.data.prepare import prepare
+from millvae.data.sources import (
     SEED_LABELS_NAME,
     DataFile,
     download_seed_labels,
     resolve_labels,
 )
+from millvae.data.windows import read_labels
+from millvae.errors import MillvaeError
 
 from .servers import FileServer, free_port, isolate_downloads, serving_folder
 from .test_data_prep import SEED_TABLE, tool_records, write_mill

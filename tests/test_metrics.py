@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import auc
 
-from millvae import metrics as M
+from millvae.detect import metrics as M
 from millvae.errors import MillvaeError
 
 

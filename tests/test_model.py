@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from millvae.model import CUSTOM_OBJECTS, BetaVAE, build_vae
+from millvae.model.vae import CUSTOM_OBJECTS, BetaVAE, build_vae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,8 +238,8 @@ FRESH_PROCESS = textwrap.dedent(
     import json, sys
     import numpy as np
     import keras
-    import millvae.model
-    from millvae.model import build_vae
+    import millvae.model.vae
+    from millvae.model.vae import build_vae
 
     saved, windows, out = sys.argv[1:4]
     model = keras.models.load_model(saved)
@@ -311,7 +311,7 @@ def test_custom_objects_load_and_training_resumes(saved_and_reloaded):
 
 
 def test_onecycle_warms_up_anneals_and_survives_saving(tmp_path):
-    from millvae.model import OneCycle
+    from millvae.model.vae import OneCycle
 
     sched = OneCycle(start=1e-3, peak=1e-2, end=1e-4, warmup_steps=30, total_steps=100)
     lr = np.array([float(sched(step)) for step in range(0, 131)])
@@ -334,15 +334,15 @@ def _plain_keras_tcn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build TCNs as keras-tcn does: its own TCN layer, with Keras' own Conv1D."""
     import contextlib
 
-    import millvae.model
+    import millvae.model.vae
 
-    monkeypatch.setattr(millvae.model, "TCN_LAYER", millvae.model.TCN)
-    monkeypatch.setattr(millvae.model, "_tcn_conv_layers", contextlib.nullcontext)
+    monkeypatch.setattr(millvae.model.vae, "TCN_LAYER", millvae.model.vae.TCN)
+    monkeypatch.setattr(millvae.model.vae, "_tcn_conv_layers", contextlib.nullcontext)
 
 
 def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypatch, tmp_path):
-    import millvae.model
-    from millvae.model import CausalConv1D
+    import millvae.model.vae
+    from millvae.model.vae import CausalConv1D
 
     x = tf.constant(sinusoid_windows(64, 32, 3, seed=3))
     fast = build_vae(**SMALL)
@@ -387,12 +387,12 @@ def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypa
     plain.save(path)
     monkeypatch.undo()
     loaded = keras.models.load_model(path)
-    assert type(loaded.encoder.get_layer("encoder_tcn_0")) is millvae.model.FusedTCN
+    assert type(loaded.encoder.get_layer("encoder_tcn_0")) is millvae.model.vae.FusedTCN
     # the same weights; the fused kernels' rounding moves a few outputs by ~3e-6
     np.testing.assert_allclose(loaded.forward(x)[2], plain.forward(x)[2], rtol=1e-5, atol=1e-5)
 
     # where the runtime has no dilated Conv2D kernel, the layer is Keras' Conv1D again
-    monkeypatch.setattr(millvae.model, "_native_dilated_conv", lambda: False)
+    monkeypatch.setattr(millvae.model.vae, "_native_dilated_conv", lambda: False)
     fallback = build_vae(**SMALL)
     assert "SpaceToBatchND" in loss_and_gradients(fallback)[2]
 
@@ -400,13 +400,13 @@ def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypa
 def _matrix_product_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """The matrix-product filter gradient for 8-16 channels, as on CPUs without AVX-512, so that
     it is tested on every machine."""
-    from millvae import model as mm
+    from millvae.model import vae as mm
 
     monkeypatch.setattr(mm, "GEMM_FILTER_GRAD_CHANNELS", (8, 16))
 
 
 def test_matrix_product_gradients_only_where_the_cpu_lacks_avx512():
-    from millvae import model as mm
+    from millvae.model import vae as mm
     from millvae.runtime import cpu_flags
 
     if "avx512f" in cpu_flags():  # oneDNN's AVX-512 kernels measured faster
@@ -432,7 +432,7 @@ def test_matrix_product_gradients_only_where_the_cpu_lacks_avx512():
 def test_filter_gradient_as_matrix_products_equals_keras_conv1d(
     channels, kernel_size, rate, batch, gemm, monkeypatch
 ):
-    from millvae import model as mm
+    from millvae.model import vae as mm
 
     _matrix_product_gradients(monkeypatch)
     assert mm._gemm_channels(channels) == gemm
@@ -478,7 +478,7 @@ def test_matrix_product_gradient_is_registered_once_not_per_trace(monkeypatch):
     # ~23 MiB per fit that never came back (tests/test_train.py, repeated fits)
     from tensorflow.python.framework import ops as tf_ops
 
-    from millvae import model as mm
+    from millvae.model import vae as mm
 
     _matrix_product_gradients(monkeypatch)
 
@@ -509,7 +509,7 @@ def test_matrix_product_path_keeps_symbolic_gradients_and_saved_models_working(
 ):
     # symbolic gradients (tf.gradients) read the graph, so they take the Conv2D's own gradient;
     # tf.saved_model.save failed when an override map routed them to the tape's gradient function
-    from millvae.model import CausalConv1D
+    from millvae.model.vae import CausalConv1D
 
     _matrix_product_gradients(monkeypatch)
 
@@ -546,7 +546,7 @@ def _applier(optimizer, variables):
 
 def _fit_save_load(tmp_path):
     """A small β-VAE fitted one epoch with FusedAdam, saved, and loaded back."""
-    from millvae.model import FusedAdam
+    from millvae.model.vae import FusedAdam
 
     model = build_vae(**SMALL)
     model.compile(optimizer=FusedAdam(1e-3))
@@ -558,7 +558,7 @@ def _fit_save_load(tmp_path):
 
 @pytest.mark.parametrize("schedule", [False, True])
 def test_fused_adam_matches_keras_adam_and_saves(tmp_path, schedule):
-    from millvae.model import FusedAdam, OneCycle
+    from millvae.model.vae import FusedAdam, OneCycle
 
     shapes = [(3, 8, 8), (8,), (40, 5)]
     rng = np.random.default_rng(0)
@@ -594,7 +594,7 @@ def test_warmed_keras_saving_reuses_skip_sets_and_round_trips(tmp_path):
     from keras.src.backend.common import global_state
     from keras.src.saving import saving_lib
 
-    from millvae.model import warm_keras_saving
+    from millvae.model.vae import warm_keras_saving
 
     keras.backend.clear_session()
     assert global_state.get_global_attribute("saving_attr_skiplist_Layer") is None
@@ -614,7 +614,7 @@ ONEDNN_CHILD = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    import millvae.model as mm
+    import millvae.model.vae as mm
     from tensorflow.python.util import _pywrap_util_port
 
     model = mm.build_vae(**json.loads(sys.argv[1]))
@@ -652,7 +652,7 @@ def test_dilated_models_train_with_onednn_on_off_or_left_to_millvae(onednn):
 
 @pytest.mark.parametrize("shape", [(512, 64, 32), (7, 3, 4)])  # 7 x 3 rows: Bessel's n/(n-1) 5 %
 def test_fused_batch_norm_matches_keras_batch_norm(shape):
-    from millvae.model import FusedBatchNormalization
+    from millvae.model.vae import FusedBatchNormalization
 
     rng = np.random.default_rng(3)
     channels = shape[-1]
@@ -697,7 +697,7 @@ def test_fused_batch_norm_matches_keras_batch_norm(shape):
 
 
 def test_models_use_the_fused_batch_norm_and_save_it(tmp_path):
-    from millvae.model import FusedBatchNormalization
+    from millvae.model.vae import FusedBatchNormalization
 
     model = compiled()
     norms = [
@@ -720,7 +720,7 @@ def test_models_use_the_fused_batch_norm_and_save_it(tmp_path):
 def test_fused_batch_norm_warms_up_its_moving_statistics():
     """The first updates follow the batch statistics (TensorFlow's EMA num_updates rule), so a
     model validated after a few steps is not normalised by the initial mean 0 / variance 1."""
-    from millvae.model import FusedBatchNormalization
+    from millvae.model.vae import FusedBatchNormalization
 
     layer = FusedBatchNormalization(momentum=0.99, name="bn")
     layer.build((None, 16, 4))

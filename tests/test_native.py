@@ -1,4 +1,4 @@
-"""The fused TCN kernels (millvae/native.py): TensorFlow's sums, keras-tcn's TCN, and a fallback."""
+"""The fused TCN kernels (model/native.py): TensorFlow's sums, keras-tcn's TCN, a fallback."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import pytest
 import tensorflow as tf
 from tcn import TCN
 
-from millvae import native
-from millvae.model import FusedTCN, _native_dilated_conv, build_vae
+from millvae.model.vae import FusedTCN, _native_dilated_conv, build_vae, native
 
 from .test_model import SMALL
 
@@ -153,11 +152,11 @@ def _tcn_pair(cls_args: dict, n_in: int):
 def test_fused_tcn_equals_keras_tcn_values_and_gradients(
     kernels, n_in, filters, kernel_size, dilations, gemm, monkeypatch
 ):
-    import millvae.model
+    import millvae.model.vae
 
     if not _native_dilated_conv():
         pytest.skip("no dilated Conv2D kernel here: FusedTCN is keras-tcn's TCN")
-    monkeypatch.setattr(millvae.model, "GEMM_FILTER_GRAD_CHANNELS", (8, 16) if gemm else None)
+    monkeypatch.setattr(millvae.model.vae, "GEMM_FILTER_GRAD_CHANNELS", (8, 16) if gemm else None)
     args = dict(
         nb_filters=filters,
         kernel_size=kernel_size,
@@ -187,7 +186,7 @@ def test_fused_tcn_equals_keras_tcn_values_and_gradients(
 def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypatch, groups):
     # on 2-4 cores each TCN computes its windows in groups side by side; batches smaller than
     # the number of groups (a single window scored) must work too
-    import millvae.model
+    import millvae.model.vae
 
     layer = FusedTCN(
         nb_filters=8, kernel_size=3, dilations=[1, 2], return_sequences=True, activation="selu"
@@ -197,9 +196,9 @@ def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypat
 
     for n in (1, 2, 5, 64):
         x, dy = _rng_tensor(rng, (n, 16, 3)), _rng_tensor(rng, (n, 16, 8))
-        monkeypatch.setattr(millvae.model, "window_groups", lambda: 1)
+        monkeypatch.setattr(millvae.model.vae, "window_groups", lambda: 1)
         (want_y, want_grads), _ = _traced_layer(layer, x, dy)
-        monkeypatch.setattr(millvae.model, "window_groups", lambda: groups)
+        monkeypatch.setattr(millvae.model.vae, "window_groups", lambda: groups)
         (y, grads), graph_ops = _traced_layer(layer, x, dy)
         assert "SplitV" in graph_ops  # the windows went in groups
         assert y.shape == want_y.shape == (n, 16, 8)
@@ -237,8 +236,8 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     import tensorflow as tf
-    from millvae import native
-    from millvae.model import build_vae
+    from millvae.model import native
+    from millvae.model.vae import build_vae
     if len(sys.argv) > 1:  # another copy of the kernels' sources
         native.CSRC = Path(sys.argv[1])
     model = build_vae(window_size=16, n_signals=2, codings_size=3, conv_layers=1,

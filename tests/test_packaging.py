@@ -72,7 +72,7 @@ def test_readme_first_screen_commands_and_ci_agree():
 
 
 def test_the_kernels_source_ships_with_the_package():
-    # millvae/native.py compiles millvae/csrc/*.cc on first use: a wheel without them has none
+    # model/native.py compiles model/csrc/*.cc on first use: a wheel without them has none
     from fnmatch import fnmatch
 
     patterns = _pyproject()["tool"]["setuptools"]["package-data"]["millvae"]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from millvae import plots
+from millvae.detect import plots
 from millvae.errors import MillvaeError
 
 SIGNALS = ("smcAC", "smcDC", "vib_table", "vib_spindle", "AE_table", "AE_spindle")

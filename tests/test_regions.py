@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from millvae.errors import MillvaeError
-from millvae.regions import (
+from millvae.data.regions import (
     central_region,
     detect_regions,
     detect_regions_with_sources,
     region_iou,
 )
+from millvae.errors import MillvaeError
 
 MILLING = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "milling"
 REAL5 = MILLING / "mill_partial_no_AE_spindle.mat"
@@ -202,7 +202,7 @@ def test_synthetic_regions_agree_with_truth(synthetic_mat):
 
 
 def test_synthetic_short_cuts(tmp_path):
-    synthetic = pytest.importorskip("millvae.synthetic")
+    synthetic = pytest.importorskip("millvae.data.synthetic")
     path = synthetic.write_synthetic_mat(tmp_path / "short.mat", seed=3, n_samples=3000)
     signals, names, truth, _ = _synthetic(path)
     found = detect_regions(signals, names, 64)

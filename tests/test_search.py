@@ -37,7 +37,7 @@ earlystop_patience: [%d]
 
 @pytest.fixture(scope="module")
 def small_mat(tmp_path_factory):
-    from millvae.synthetic import write_synthetic_mat
+    from millvae.data.synthetic import write_synthetic_mat
 
     path = tmp_path_factory.mktemp("search") / "small.mat"
     return write_synthetic_mat(path, seed=0, cases=[1, 5, 9, 13, 3, 11])

@@ -31,7 +31,7 @@ METRICS = ("best_val_loss", "val_ap_kl", "training_seconds")
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """A small synthetic mill.mat (six cases): quick to prepare, both classes present."""
-    from millvae.synthetic import write_synthetic_mat
+    from millvae.data.synthetic import write_synthetic_mat
 
     path = tmp_path_factory.mktemp("small-data") / "mill_small.mat"
     return write_synthetic_mat(path, seed=0, cases=[1, 5, 9, 13, 3, 11])

@@ -15,9 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from millvae import sources
+from millvae.cache import default_cache_dir
+from millvae.data import sources
+from millvae.data.sources import (
+    DataFile,
+    download_nasa,
+    resolve_data,
+    sha256_file,
+)
 from millvae.errors import MillvaeError
-from millvae.sources import DataFile, default_cache_dir, download_nasa, resolve_data, sha256_file
 
 from .servers import FileServer as Server
 from .servers import isolate_downloads, serving_folder
@@ -325,12 +331,14 @@ def test_auto_uses_local_data_then_cache(cache):
 
 
 # ---------------------------------------------------------------------------------------------
-# synthetic (needs millvae.synthetic, written alongside this module)
+# synthetic (needs millvae.data.synthetic, written alongside this module)
 
 
 @pytest.fixture
 def synthetic_module():
-    return pytest.importorskip("millvae.synthetic", reason="millvae.synthetic not present")
+    return pytest.importorskip(
+        "millvae.data.synthetic", reason="millvae.data.synthetic not present"
+    )
 
 
 def test_auto_offline_falls_back_to_synthetic_loudly(cache, monkeypatch, synthetic_module):

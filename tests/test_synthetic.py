@@ -12,8 +12,8 @@ from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
 
+from millvae.data.synthetic import SYNTHETIC_VERSION, write_synthetic_mat
 from millvae.errors import MillvaeError
-from millvae.synthetic import SYNTHETIC_VERSION, write_synthetic_mat
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "milling"
 FIXTURE = DATA / "pyphm_fixture_mill_2cuts.mat"

@@ -132,7 +132,7 @@ def test_a_run_records_params_epochs_artifacts_and_a_loadable_model(
 
 
 def test_onecycle_schedule_is_followed_and_logged_per_epoch(tracking, synthetic_mat):
-    from millvae.data import prepare
+    from millvae.data.prepare import prepare
     from millvae.train import learning_rate
 
     cfg = _cfg(synthetic_mat, epochs=4, lr_schedule="onecycle", lr_max=0.005, lr_cycle_epochs=2)
@@ -158,7 +158,7 @@ def test_onecycle_schedule_is_followed_and_logged_per_epoch(tracking, synthetic_
 
 
 def test_same_seed_same_metrics_other_seed_other_metrics(tracking, synthetic_mat):
-    from millvae.data import prepare
+    from millvae.data.prepare import prepare
 
     cfg = _cfg(synthetic_mat, epochs=2)
     prepared = prepare(cfg)
@@ -207,7 +207,7 @@ def test_repeated_fits_do_not_grow_the_process(synthetic_mat):
     script = f"""
 import gc, json, keras
 from millvae.config import make_config
-from millvae.data import prepare
+from millvae.data.prepare import prepare
 from millvae.train import fit, preload
 preload()  # a search worker's garbage-collector settings
 cfg = make_config(data={str(synthetic_mat)!r}, codings_size=4, start_filter_no=8, conv_layers=2,

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from millvae import metrics as M
-from millvae.data import Prepared
+from millvae.data.prepare import Prepared
+from millvae.detect import metrics as M
+from millvae.detect.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 from millvae.metric_groups import grouped
-from millvae.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
 PROTOCOLS = {
@@ -162,7 +162,7 @@ def write_plots(
     signal_names=(),
 ) -> list[Path]:
     """The detection plots of one run, as PNG files in out_dir."""
-    from millvae import plots
+    from millvae.detect import plots
 
     windows = windows.reset_index(drop=True)
     y = M.positive_labels(windows["tool_class"].to_numpy(), positive)

@@ -583,7 +583,7 @@ def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict
     import mlflow
 
     from millvae.config import make_config
-    from millvae.data import prepare
+    from millvae.data.prepare import prepare
     from millvae.train import train_run
 
     client = _client()

@@ -43,7 +43,7 @@ import tensorflow as tf
 from keras import ops
 from tcn import TCN
 
-from millvae import native
+from millvae.model import native
 from millvae.runtime import cpu_flags, window_groups
 
 __all__ = [
@@ -329,7 +329,7 @@ class FusedTCN(TCN):
     output) → + residual → SELU, each arrow a TensorFlow op and its gradient another, each a
     pass over a [windows, steps, filters] tensor; with the causal Pad before each convolution
     (and a Slice in its gradient) those passes took half of the seed default's training step.
-    Here a block is two convolutions and three kernels of `millvae.native` (bias + SELU written
+    Here a block is two convolutions and three kernels of `model.native` (bias + SELU written
     already padded for the next convolution; bias + SELU + SELU; residual + SELU), and their
     gradients three more: 1.26x less time per training step on two Intel cores (seed default,
     1.27x the paper's best). The same layers, weights and config as `TCN`; the same sums to

@@ -10,9 +10,9 @@ import pandas as pd
 
 from millvae.config import TrainConfig
 from millvae.errors import MillvaeError
-from millvae.mat import MillData, load_mill
-from millvae.metrics import positive_labels
-from millvae.prep import (
+from millvae.data.mat import MillData, load_mill
+from millvae.detect.metrics import positive_labels
+from millvae.data.windows import (
     CLASS_NAMES,
     HEALTHY,
     MinMaxScaler,
@@ -26,7 +26,7 @@ from millvae.prep import (
     tool_class,
     window_starts,
 )
-from millvae.sources import DataFile, resolve_data, resolve_labels
+from millvae.data.sources import DataFile, resolve_data, resolve_labels
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -102,7 +102,7 @@ def prepare_from_mill(
                     stacklevel=2,
                 )
     else:
-        from millvae.regions import detect_regions_with_sources
+        from millvae.data.regions import detect_regions_with_sources
 
         regions, deciders = detect_regions_with_sources(
             mill.signals, mill.signal_names, cfg.window_size

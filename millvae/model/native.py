@@ -1,13 +1,13 @@
-"""Fused TCN kernels (`millvae/csrc/tcn_ops.cc`): compiled once per machine, loaded into TensorFlow.
+"""Fused TCN kernels (`millvae/model/csrc/tcn_ops.cc`), compiled once per machine, loaded into TF.
 
-`millvae.model.FusedTCN` runs the elementwise work of keras-tcn's residual blocks (bias, SELU,
+`millvae.model.vae.FusedTCN` runs the elementwise work of keras-tcn's residual blocks (bias, SELU,
 residual add, causal padding and their gradients) through these kernels: the seed default's
 training step took 1.26x less time on two Intel cores (AVX-512), the paper's best 1.27x. The same
 sums as TensorFlow's own ops; float32 results agree to rounding.
 
 The shared library is built with the C++ compiler (``$CXX``, else ``g++``) against the installed
 TensorFlow's headers on first use, about 8 s, and kept in ``<millvae cache>/ops/`` (see
-`millvae.sources.default_cache_dir`) under a key of the sha256 of ``csrc/``, TensorFlow, compiler
+`default_cache_dir`) under a key of the sha256 of ``csrc/``, TensorFlow, compiler
 and CPU, so each machine builds once and concurrent processes (search workers) build it once
 between them. Loading a library runs its code, so a cached one is loaded only after checks: the
 folder is the user's own and writable by nobody else (else the kernels are refused), and the
@@ -30,6 +30,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from millvae.cache import default_cache_dir, file_lock
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SWITCH = "MILLVAE_NATIVE_OPS"
@@ -117,7 +119,7 @@ def _load() -> tuple[Any, str]:
             return None, unsafe
         lib = folder / f"millvae_tcn_ops-{key}.so"
         failed = folder / f"millvae_tcn_ops-{key}.failed"
-        with _file_lock(folder / f"millvae_tcn_ops-{key}.lock"):
+        with file_lock(folder / f"millvae_tcn_ops-{key}.lock"):
             if failed.is_file():
                 return None, failed.read_text().strip() or "an earlier build failed"
             fd, why = _open_verified(lib)
@@ -312,32 +314,8 @@ def _key(
 
 
 def _cache_dir() -> Path:
-    from millvae.sources import default_cache_dir
-
     folder = default_cache_dir() / "ops"
     folder.parent.mkdir(parents=True, exist_ok=True)
     # the owner only: whoever can write here can choose the code this process loads
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder
-
-
-class _file_lock:
-    """An exclusive lock on a file (POSIX flock): one process builds, the others wait for it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def __enter__(self) -> _file_lock:
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except ImportError:  # not POSIX: builds may race, os.replace keeps the file whole
-            pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the lock

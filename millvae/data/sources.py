@@ -28,12 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from millvae.cache import default_cache_dir, file_lock
 from millvae.errors import ArgParser, MillvaeError
-
-try:  # POSIX only; without it concurrent callers may duplicate work but never see a partial file
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 NASA_URL = "https://phm-datasets.s3.amazonaws.com/NASA/3.+Milling.zip"
 NASA_ZIP_MD5 = "4da3afb0aa50cb3dcdd8e20ed1ed1c7c"
@@ -79,15 +75,6 @@ class DataFile:
 # small helpers
 
 
-def default_cache_dir() -> Path:
-    """``$MILLVAE_CACHE``, else ``$XDG_CACHE_HOME/millvae``, else ``~/.cache/millvae``."""
-    if os.environ.get("MILLVAE_CACHE"):
-        return Path(os.environ["MILLVAE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "millvae"
-    return Path.home() / ".cache" / "millvae"
-
-
 # Hashing the 72 MB mill.mat costs ~0.2 s; a search resolves data once per trial, so remember the
 # hash per (file identity, size, mtime) within the process instead of writing sidecar files next to
 # data that may live on a read-only share.
@@ -119,24 +106,6 @@ def _make_dir(path: Path) -> None:
         raise MillvaeError(
             f"cache: expected a writable folder at {path}; got {type(e).__name__} ({e.strerror})"
         ) from None
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path, waiting_note: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock so parallel trials do one download/generation, not many."""
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_path, "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info(waiting_note)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _tmp_path(folder: Path, suffix: str) -> Path:
@@ -485,7 +454,7 @@ def download_seed_labels(
 
 def _synthetic_file(folder: Path, seed: int) -> Path:
     """``folder/synthetic_v{VERSION}_seed{seed}.mat``, generated once even for parallel callers."""
-    from millvae.synthetic import SYNTHETIC_VERSION, write_synthetic_mat
+    from millvae.data.synthetic import SYNTHETIC_VERSION, write_synthetic_mat
 
     target = folder / f"synthetic_v{SYNTHETIC_VERSION}_seed{seed}.mat"
     if target.is_file():

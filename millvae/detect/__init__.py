@@ -1,0 +1,1 @@
+"""Scoring windows as anomalies, the detection metrics, evaluation and its plots."""
