@@ -201,12 +201,12 @@ def run_arm(
     if arm == "ref":
         import contextlib
 
-        import millvae.model.vae
+        import millvae.model.fused
 
         # the TCNs exactly as keras-tcn builds them, with Keras' own Conv1D and BatchNormalization
-        millvae.model.vae.TCN_LAYER = millvae.model.vae.TCN
-        millvae.model.vae._tcn_conv_layers = contextlib.nullcontext
-        millvae.model.vae.BATCH_NORM = keras.layers.BatchNormalization
+        millvae.model.fused.TCN_LAYER = millvae.model.fused.TCN
+        millvae.model.fused.tcn_conv_layers = contextlib.nullcontext
+        millvae.model.fused.BATCH_NORM = keras.layers.BatchNormalization
         model = build_model(cfg, x_train.shape[2])
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         stop = []

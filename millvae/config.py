@@ -15,6 +15,7 @@ from typing import Any
 
 from millvae import SIGNAL_NAMES
 from millvae.errors import MillvaeError
+from millvae.memory import available_gb, estimate
 
 FINAL_ACTIVATIONS = ("sigmoid", "selu")
 DATA_KEYWORDS = ("auto", "nasa", "synthetic")
@@ -329,8 +330,6 @@ def validate(cfg: TrainConfig) -> None:
 def check_memory(cfg: TrainConfig) -> None:
     """Refuse, before any data is loaded, a run whose estimated memory exceeds max_memory_gb
     (0: what this machine lets the process use)."""
-    from millvae.memory import available_gb, estimate
-
     names = [s for s in cfg.signals.split(",") if s.strip()]
     n_signals = len(names) if cfg.signals.lower() not in ("all", "available") else 6
     est = estimate(cfg, n_signals)

@@ -58,11 +58,8 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any
 
 # Before anything imports TensorFlow (the model server imports this module first).
@@ -88,7 +85,6 @@ __all__ = [
     "MillDetector",
     "detector_config",
     "example_frame",
-    "log_detector",
     "raw_windows",
     "score_raw",
 ]
@@ -421,7 +417,13 @@ def score_raw(
         out[name] = cond_scores[name] if name in cond_scores else np.nan
     for s in signals:
         out[f"mse_{s}"] = scores[f"mse_{s}"]
-    computed = [c for c in out.columns if cond is not None or not c.endswith("_cond")]
+    _finite_scores_or_raise(out, cond is not None)
+    _decide(out, config, normalizer, cond)
+    return out
+
+
+def _finite_scores_or_raise(out: pd.DataFrame, with_conditions: bool) -> None:
+    computed = [c for c in out.columns if with_conditions or not c.endswith("_cond")]
     bad = ~np.isfinite(out[computed].to_numpy(dtype=float))
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
@@ -432,6 +434,11 @@ def score_raw(
             "ranges: the model overflows on them or is broken)"
         )
 
+
+def _decide(
+    out: pd.DataFrame, config: dict, normalizer: ConditionNormalizer, cond: pd.DataFrame | None
+) -> None:
+    """The decision columns: the score used, its threshold, the flag and a warning per row."""
     decision = str(config["decision_score"])
     thresholds = config["thresholds"]
     used, label, warning = decision, decision, None
@@ -456,7 +463,6 @@ def score_raw(
         warnings = _unseen_condition_warnings(normalizer, _raw_name(decision), cond)
     # object, not pandas' string dtype, which would turn None into NaN
     out["warning"] = pd.Series(warnings, index=out.index, dtype=object)
-    return out
 
 
 def _unseen_condition_warnings(
@@ -702,77 +708,3 @@ def example_frame(
         for c in CONDITION_COLUMNS:
             df[c] = np.repeat(cond[c].to_numpy(), w)
     return df
-
-
-class NoReloadFlavor:
-    """A flavor module for `mlflow.models.Model.log` without MLflow's reload of the input example.
-
-    `Model.log` reads `validate_serving_input` from the kwargs it forwards to the flavor's
-    `save_model`, which does not take it; it is dropped here.
-    """
-
-    def __init__(self, module: Any) -> None:
-        self._module = module
-        self.__name__ = module.__name__
-
-    def save_model(self, *, validate_serving_input: bool = False, **kwargs: Any) -> None:
-        self._module.save_model(**kwargs)
-
-
-def log_detector(
-    keras_model: Any,
-    config: dict,
-    *,
-    example_raw: np.ndarray,
-    name: str = "detector",
-    example_conditions: pd.DataFrame | None = None,
-) -> Any:
-    """Log the pyfunc detector to the active MLflow run; returns MLflow's ModelInfo.
-
-    `example_raw` holds raw windows [n, window, signal]; the first two become the input example
-    (with `example_conditions`, one row per window, as DOC/feed/material columns when given).
-    """
-    import mlflow
-
-    if mlflow.active_run() is None:
-        raise MillvaeError("log_detector: expected an active MLflow run; got none")
-    example_raw = np.asarray(example_raw)
-    cond = None if example_conditions is None else example_conditions.iloc[:2]
-    example = example_frame(example_raw[:2], config, cond)
-    # MLflow's check of the input example reloads the files just written and traces the reloaded
-    # model: about half a second per search trial, spent deserialising what is in memory. The
-    # example is scored here instead, through the same function `predict` calls; loading and
-    # serving logged detectors is what the tests check.
-    score_raw(keras_model, config, example_raw[:2], cond)
-
-    from millvae.model.vae import warm_keras_saving
-
-    with tempfile.TemporaryDirectory(prefix="millvae-detector-") as tmp:
-        tmp_path = Path(tmp)
-        warm_keras_saving()
-        keras_model.save(tmp_path / KERAS_FILE)
-        (tmp_path / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
-        # a clean copy of the package (no __pycache__) so the model loads where millvae is absent
-        package = Path(millvae.__file__).resolve().parent
-        code = tmp_path / "code" / "millvae"
-        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        model_code = tmp_path / "detector_model.py"
-        model_code.write_text(MODEL_CODE, encoding="utf-8")
-        from mlflow.models import Model
-
-        return Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=NoReloadFlavor(mlflow.pyfunc),
-            validate_serving_input=False,
-            flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model passes
-            python_model=str(model_code),
-            artifacts={
-                "keras_model": str(tmp_path / KERAS_FILE),
-                "config": str(tmp_path / CONFIG_FILE),
-            },
-            code_paths=[str(code)],
-            signature=_signature(config),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-        )

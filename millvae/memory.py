@@ -12,10 +12,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from millvae.config import TrainConfig
+
+class Shapes(Protocol):
+    """What the estimate reads of a configuration (a `config.TrainConfig` has it all); duck-typed
+    so that this module needs no import of `config`, which imports it."""
+
+    window_size: int
+    stride: int
+    conv_layers: int
+    start_filter_no: int
+    kernel_size: int
+    dilations: tuple[int, ...]
+    codings_size: int
+    batch_size: int
+
 
 # The UC Berkeley mill.mat: 167 records of 9000 samples. A data file's real size is only known
 # once it is read; the estimate assumes this one (the synthetic simulator writes the same shape).
@@ -48,7 +60,7 @@ def _tcn_params(c_in: int, filters: int, kernel: int, n_dilations: int) -> int:
     return first + conv + (n_dilations - 1) * 2 * conv
 
 
-def estimate(cfg: TrainConfig, n_signals: int = 6) -> Estimate:
+def estimate(cfg: Shapes, n_signals: int = 6) -> Estimate:
     """Peak training memory of one run of `cfg`, in GB (see the module docstring)."""
     window_size, stride, conv_layers = cfg.window_size, cfg.stride, cfg.conv_layers
     filters, kernel_size, dilations = cfg.start_filter_no, cfg.kernel_size, cfg.dilations

@@ -12,6 +12,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from millvae import tracking
 from millvae.errors import ArgParser, MillvaeError
 from millvae.metric_groups import flat
 
@@ -208,7 +213,6 @@ def _val_metric_names(runs, limit: int = 12) -> str:
 
 def detector_uri(client, run) -> str | None:
     """The run's `detector`: its LoggedModel (MLflow 3), else runs:/<id>/detector (MLflow 2)."""
-    import mlflow
 
     run_id = run.info.run_id
     models = mlflow.search_logged_models(
@@ -231,7 +235,6 @@ def detector_uri(client, run) -> str | None:
 
 
 def _existing_version(client, model_name: str, run_id: str):
-    from mlflow.exceptions import MlflowException
 
     quote = '"' if "'" in model_name else "'"
     try:
@@ -277,6 +280,19 @@ def _check_names(model_name: str, alias: str) -> None:
         raise MillvaeError(f"alias {alias!r} is reserved by MLflow (latest, v<number>)")
 
 
+@dataclass
+class Selection:
+    """The candidates of a registration, best first, and why the other runs were not among them."""
+
+    candidates: list
+    figures: dict[str, dict[str, float]]
+    runs: int
+    finished: int
+    with_metric: int
+    synthetic: int
+    other_protocol: int
+
+
 def register_best(
     experiment: str = DEFAULTS["experiment"],
     metric: str = DEFAULTS["metric"],
@@ -287,139 +303,29 @@ def register_best(
     protocol: str = DEFAULTS["protocol"],
 ) -> Registration:
     """Register the best FINISHED run's detector under `model_name` and point `alias` at it."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    higher = higher_is_better(metric)
-    allow = parse_bool(allow_synthetic)
-    protocol = str(protocol).strip().lower()
-    if protocol not in PROTOCOLS:
-        raise MillvaeError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
-    _check_names(model_name, alias)
-    from millvae.store import prepare_store
-
-    prepare_store()
+    higher, allow, protocol = _check_args(metric, allow_synthetic, protocol, model_name, alias)
+    tracking.prepare_store()
     client = MlflowClient()
     exp = _find_experiment(client, experiment)
-
-    # `mlflow run -e register` runs inside a run of its own: never a candidate, never counted
-    own_run = os.environ.get("MLFLOW_RUN_ID")
-    runs = [r for r in _all_runs(client, exp.experiment_id) if r.info.run_id != own_run]
-    where = f"experiment {exp.name!r}"
-    if search_id:
-        runs = [r for r in runs if r.data.tags.get(SEARCH_ID_TAG) == search_id]
-        where += f" with {SEARCH_ID_TAG} = {search_id!r}"
-    if not runs:
-        raise MillvaeError(
-            f"{where} has no runs; train one first (`mlflow run . --env-manager local`)"
-        )
-
-    splits = PROTOCOLS[protocol]
-    # runs without a split (a search's or repeat's parent, a register run) compete on nothing
-    other = [r for r in runs if r.data.params.get("split", splits[0]) not in splits]
-    if other and len(other) == len(runs):
-        found = sorted({r.data.params["split"] for r in other})
-        raise MillvaeError(
-            f"protocol: expected runs with split={'/'.join(splits)} ({protocol}) in {where}; "
-            f"its {len(runs)} runs have split={'/'.join(found)}; pass protocol="
-            f"{'window' if found == ['window'] else 'any'} to compare those"
-        )
-    runs = [r for r in runs if r.data.params.get("split", splits[0]) in splits]
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if not finished:
-        statuses = {}
-        for r in runs:
-            statuses[r.info.status] = statuses.get(r.info.status, 0) + 1
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-        raise MillvaeError(f"{where} has no FINISHED runs ({counts})")
-
-    # figures under their own names, grouped or not (`detail/val_f1_kl` is val_f1_kl)
-    figures = {r.info.run_id: flat(r.data.metrics) for r in runs}
-    with_metric = [r for r in finished if _finite(figures[r.info.run_id].get(metric))]
-    if not with_metric:
-        if not any(metric in f for f in figures.values()):
-            raise MillvaeError(
-                f"unknown metric {metric}: no run of {where} logged it; "
-                f"validation metrics there: {_val_metric_names(runs)}"
-            )
-        raise MillvaeError(
-            f"none of the {len(finished)} FINISHED runs of {where} has {metric} "
-            f"(only runs that did not finish logged it); their validation metrics: "
-            f"{_val_metric_names(finished)}"
-        )
-
-    synthetic = [r for r in with_metric if r.data.tags.get("data_source") == "synthetic"]
-    synthetic_ids = {r.info.run_id for r in synthetic}
-    candidates = (
-        with_metric if allow else [r for r in with_metric if r.info.run_id not in synthetic_ids]
+    own_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e register`'s own run
+    runs, where = _runs(client, exp, search_id, own_run)
+    sel = select_run(
+        runs, metric, higher=higher, allow_synthetic=allow, protocol=protocol, where=where
     )
-    if not candidates:
-        raise MillvaeError(
-            f"all {len(synthetic)} FINISHED runs of {where} with {metric} were trained on "
-            f"synthetic data (tag data_source=synthetic); pass allow_synthetic=true to register "
-            f"one anyway"
-        )
-
-    sign = -1.0 if higher else 1.0
-    # ties go to the earlier run, so re-running register never flips between equals
-    candidates.sort(
-        key=lambda r: (sign * figures[r.info.run_id][metric], r.info.start_time or 0, r.info.run_id)
-    )
-    chosen, uri = None, None
-    for run in candidates:
-        uri = detector_uri(client, run)
-        if uri is not None:
-            chosen = run
-            break
-    if chosen is None:
-        best = candidates[0]
-        raise MillvaeError(
-            f"none of the {len(candidates)} candidate runs of {where} has a '{DETECTOR_NAME}' "
-            f"model (best by {metric}: run {best.info.run_id}); was it trained by this version?"
-        )
-    no_detector = candidates.index(chosen)
-    value = float(figures[chosen.info.run_id][metric])
+    chosen, uri = _first_with_detector(client, sel.candidates, metric, where)
+    value = float(sel.figures[chosen.info.run_id][metric])
     tags = _version_tags(chosen, metric, value, exp.name)
-
-    try:
-        version = _existing_version(client, model_name, chosen.info.run_id)
-        created = version is None
-        if created:
-            version = mlflow.register_model(uri, model_name, tags=tags)
-        else:  # refresh the tags: a version registered by hand may lack them
-            for key, val in tags.items():
-                client.set_model_version_tag(model_name, version.version, key, val)
-        previous = client.get_registered_model(model_name).aliases.get(alias)
-        client.set_registered_model_alias(model_name, alias, version.version)
-        client.update_model_version(
-            model_name,
-            version.version,
-            description=f"{exp.name} run {chosen.info.run_name} ({chosen.info.run_id}): "
-            f"{metric} = {value:.4f}",
-        )
-    except MlflowException as exc:
-        first = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
-        raise MillvaeError(f"registering {uri} as {model_name!r} failed: {first}") from exc
-
+    description = (
+        f"{exp.name} run {chosen.info.run_name} ({chosen.info.run_id}): {metric} = {value:.4f}"
+    )
+    existing = _existing_version(client, model_name, chosen.info.run_id)
+    version, created, previous = tracking.register_version(
+        uri, model_name, alias, existing, tags=tags, description=description
+    )
     if own_run:  # leave a trace on the `mlflow run -e register` run itself
-        try:
-            for key, val in {
-                "millvae.registered_model": model_name,
-                "millvae.registered_version": str(version.version),
-                "millvae.registered_alias": alias,
-                "millvae.selected_run_id": chosen.info.run_id,
-                "millvae.protocol": protocol,
-                "model_type": "register",
-                # a labelled record of the registration, not a stray run with a generated name
-                "mlflow.runName": f"register_{model_name}_v{version.version}",
-            }.items():
-                client.set_tag(own_run, key, val)
-        except MlflowException as exc:  # the registration itself succeeded; only the trace is lost
-            print(f"millvae: warning: could not tag run {own_run}: {exc}")
-
+        tracking.tag_run(own_run, _trace(model_name, version.version, alias, chosen, protocol))
     test_metric = paired_test_ap_metric(metric)
-    test_value = figures[chosen.info.run_id].get(test_metric) if test_metric else None
+    test_value = sel.figures[chosen.info.run_id].get(test_metric) if test_metric else None
     return Registration(
         model_name=model_name,
         version=str(version.version),
@@ -435,15 +341,137 @@ def register_best(
         test_ap=float(test_value) if _finite(test_value) else None,
         model_uri=uri,
         data_source=tags["data_source"],
-        considered=len(candidates),
-        skipped_synthetic=0 if allow else len(synthetic),
-        skipped_unfinished=len(runs) - len(finished),
-        skipped_no_metric=len(finished) - len(with_metric),
-        skipped_no_detector=no_detector,
+        considered=len(sel.candidates),
+        skipped_synthetic=0 if allow else sel.synthetic,
+        skipped_unfinished=sel.runs - sel.finished,
+        skipped_no_metric=sel.finished - sel.with_metric,
+        skipped_no_detector=sel.candidates.index(chosen),
         protocol=protocol,
-        skipped_protocol=len(other),
+        skipped_protocol=sel.other_protocol,
         previous_alias_version=str(previous) if previous is not None else None,
         version_tags=tags,
+    )
+
+
+def _check_args(metric: str, allow_synthetic, protocol, model_name: str, alias: str):
+    """(higher is better, allow synthetic, protocol), checked before anything is read or written."""
+    higher = higher_is_better(metric)
+    allow = parse_bool(allow_synthetic)
+    protocol = str(protocol).strip().lower()
+    if protocol not in PROTOCOLS:
+        raise MillvaeError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    _check_names(model_name, alias)
+    return higher, allow, protocol
+
+
+def _runs(client, exp, search_id: str, own_run: str | None) -> tuple[list, str]:
+    """The experiment's runs (of one search, with `search_id`), and how to name them; our own
+    run (`mlflow run -e register` runs inside one) is never a candidate, never counted."""
+    runs = [r for r in _all_runs(client, exp.experiment_id) if r.info.run_id != own_run]
+    where = f"experiment {exp.name!r}"
+    if search_id:
+        runs = [r for r in runs if r.data.tags.get(SEARCH_ID_TAG) == search_id]
+        where += f" with {SEARCH_ID_TAG} = {search_id!r}"
+    return runs, where
+
+
+def _trace(model_name: str, version: str, alias: str, chosen, protocol: str) -> dict[str, str]:
+    return {
+        "millvae.registered_model": model_name,
+        "millvae.registered_version": str(version),
+        "millvae.registered_alias": alias,
+        "millvae.selected_run_id": chosen.info.run_id,
+        "millvae.protocol": protocol,
+        "model_type": "register",
+        # a labelled record of the registration, not a stray run with a generated name
+        "mlflow.runName": f"register_{model_name}_v{version}",
+    }
+
+
+def select_run(
+    runs: list,
+    metric: str,
+    *,
+    higher: bool,
+    allow_synthetic: bool,
+    protocol: str,
+    where: str,
+) -> Selection:
+    """The runs that may be registered, best by `metric` first (validation figures only; ties
+    to the earlier run, so re-running register never flips between equals). Reads nothing."""
+    if not runs:
+        raise MillvaeError(
+            f"{where} has no runs; train one first (`mlflow run . --env-manager local`)"
+        )
+    runs, other = _of_protocol(runs, protocol, where)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if not finished:
+        statuses: dict[str, int] = {}
+        for r in runs:
+            statuses[r.info.status] = statuses.get(r.info.status, 0) + 1
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+        raise MillvaeError(f"{where} has no FINISHED runs ({counts})")
+    # figures under their own names, grouped or not (`detail/val_f1_kl` is val_f1_kl)
+    figures = {r.info.run_id: flat(r.data.metrics) for r in runs}
+    with_metric = [r for r in finished if _finite(figures[r.info.run_id].get(metric))]
+    if not with_metric:
+        _no_metric(runs, finished, figures, metric, where)
+    synthetic = [r for r in with_metric if r.data.tags.get("data_source") == "synthetic"]
+    synthetic_ids = {r.info.run_id for r in synthetic}
+    candidates = [r for r in with_metric if allow_synthetic or r.info.run_id not in synthetic_ids]
+    if not candidates:
+        raise MillvaeError(
+            f"all {len(synthetic)} FINISHED runs of {where} with {metric} were trained on "
+            f"synthetic data (tag data_source=synthetic); pass allow_synthetic=true to register "
+            f"one anyway"
+        )
+    sign = -1.0 if higher else 1.0
+    candidates.sort(
+        key=lambda r: (sign * figures[r.info.run_id][metric], r.info.start_time or 0, r.info.run_id)
+    )
+    return Selection(
+        candidates, figures, len(runs), len(finished), len(with_metric), len(synthetic), len(other)
+    )
+
+
+def _of_protocol(runs: list, protocol: str, where: str) -> tuple[list, list]:
+    """(runs of the protocol's splits, the others); runs without a split (a search's or repeat's
+    parent, a register run) compete on nothing and are kept, to be dropped for want of metrics."""
+    splits = PROTOCOLS[protocol]
+    other = [r for r in runs if r.data.params.get("split", splits[0]) not in splits]
+    if other and len(other) == len(runs):
+        found = sorted({r.data.params["split"] for r in other})
+        raise MillvaeError(
+            f"protocol: expected runs with split={'/'.join(splits)} ({protocol}) in {where}; "
+            f"its {len(runs)} runs have split={'/'.join(found)}; pass protocol="
+            f"{'window' if found == ['window'] else 'any'} to compare those"
+        )
+    return [r for r in runs if r.data.params.get("split", splits[0]) in splits], other
+
+
+def _no_metric(runs: list, finished: list, figures: dict, metric: str, where: str) -> None:
+    if not any(metric in f for f in figures.values()):
+        raise MillvaeError(
+            f"unknown metric {metric}: no run of {where} logged it; "
+            f"validation metrics there: {_val_metric_names(runs)}"
+        )
+    raise MillvaeError(
+        f"none of the {len(finished)} FINISHED runs of {where} has {metric} "
+        f"(only runs that did not finish logged it); their validation metrics: "
+        f"{_val_metric_names(finished)}"
+    )
+
+
+def _first_with_detector(client, candidates: list, metric: str, where: str):
+    """The best candidate that has a logged detector, and the detector's URI."""
+    for run in candidates:
+        uri = detector_uri(client, run)
+        if uri is not None:
+            return run, uri
+    best = candidates[0]
+    raise MillvaeError(
+        f"none of the {len(candidates)} candidate runs of {where} has a '{DETECTOR_NAME}' "
+        f"model (best by {metric}: run {best.info.run_id}); was it trained by this version?"
     )
 
 

@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
+from millvae.data.mat import load_mill
+from millvae.data.prepare import prepare
+from millvae.data.sources import resolve_data
 from millvae.errors import ArgParser, MillvaeError
-from millvae.metric_groups import flat, grouped
+from millvae.train import train_run
 
 _MAIN = ("val_ap", "test_ap", "test_rocauc", "test_prauc", "test_f1", "test_cut_ap")
 SUMMARY_METRICS = (
@@ -54,24 +58,15 @@ def summarize(per_seed: pd.DataFrame) -> dict[str, float]:
 
 
 def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFrame]:
-    import mlflow
-
-    from millvae.data.mat import load_mill
-    from millvae.data.prepare import prepare
-    from millvae.data.sources import resolve_data
-    from millvae.train import log_params_once, tracked_run, train_run
-
     if cfg.split == "window":
         raise MillvaeError(
             "repeat: split=window always uses the seed's fixed random states; use split=case or cut"
         )
     name = f"repeat_{cfg.model_name()}_split-{cfg.split}_seeds-{'-'.join(map(str, seeds))}"
-    with tracked_run(cfg, run_name=name, tags={"model_type": "repeat"}) as parent:
-        log_params_once(cfg)
-        have = mlflow.get_run(parent.info.run_id).data.params
-        if "split_seeds" not in have:
-            mlflow.log_param("split_seeds", ",".join(map(str, seeds)))
-        mlflow.set_tag("model_type", "repeat")
+    with tracking.tracked_run(cfg, run_name=name, tags={"model_type": "repeat"}) as parent:
+        tracking.log_params_once(cfg.to_params())
+        tracking.log_params_once({"split_seeds": ",".join(map(str, seeds))})
+        tracking.set_tags({"model_type": "repeat"})
         data_file = resolve_data(cfg.data)
         mill = load_mill(data_file.path, cfg.signals)  # loaded once, prepared per seed
         rows = []
@@ -79,7 +74,7 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
             child_cfg = dataclasses.replace(cfg, split_seed=seed)
             prepared = prepare(child_cfg, mill=mill, data_file=data_file)
             res = train_run(child_cfg, prepared=prepared, nested=True, verbose=verbose)
-            m = flat(mlflow.get_run(res.run_id).data.metrics)
+            m = tracking.run_metrics(res.run_id)
             rows.append(
                 {
                     "split_seed": seed,
@@ -90,11 +85,10 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
             print(f"millvae repeat: split_seed {seed} done (run {res.run_id})", flush=True)
         table = pd.DataFrame(rows)
         stats = summarize(table.drop(columns=["split_seed", "run_id"]))
-        mlflow.log_metrics(grouped(stats))
+        tracking.log_metrics(stats)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "per_seed.csv"
-            table.to_csv(path, index=False)
-            mlflow.log_artifact(str(path))
+            table.to_csv(Path(tmp) / "per_seed.csv", index=False)
+            tracking.log_files(Path(tmp), {"per_seed.csv": None})
         for s in ("mse", "kl", "mse_cond", "kl_cond"):
             k = f"test_ap_{s}"
             if f"mean_{k}" in stats:

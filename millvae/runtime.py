@@ -3,7 +3,7 @@
 TensorFlow's defaults give one pool of intra-op threads per core *and* one inter-op thread per core,
 so on a many-core machine many busy threads share the cores. Here, on 2-4 cores: one intra-op
 thread (each op runs on one core) and one inter-op thread per core, and each TCN of the β-VAE
-(`millvae.model.vae.FusedTCN`) computes its windows in that many independent groups, side by side.
+(`millvae.model.fused.FusedTCN`) computes its windows in that many independent groups, side by side.
 The TCN's convolutions and elementwise kernels are small; spread over two threads each, they
 synchronised more than they gained. Measured on two Intel (Sapphire Rapids) cores against one
 intra-op thread per core with two inter-op threads: 1.045x per epoch for the seed default and

@@ -1,34 +1,66 @@
-"""One β-VAE training = one MLflow run. Shared by the `main` entry point and the search."""
+"""`millvae train`: one β-VAE training = one MLflow run (the MLproject `main` entry point).
+
+The flow, top to bottom: `main` parses the parameters into a `TrainConfig`; `train_run` prepares
+the data (`data.prepare`), builds and fits the β-VAE (`model.vae`, `fit` below), scores every
+window and evaluates the detector (`detect.evaluate`), and records all of it in MLflow
+(`tracking`, the one module that writes there). The search and `repeat` call `train_run` too.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-import millvae
-from millvae.config import TrainConfig
+from millvae import tracking
+from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, TrainConfig, make_config
 from millvae.data.prepare import Prepared, prepare, why_no_detection
-from millvae.errors import MillvaeError
-from millvae.metric_groups import grouped
-from millvae.quiet import import_tensorflow
+from millvae.detect import plots
+from millvae.detect.evaluate import (
+    VAE_SCORES,
+    Evaluation,
+    evaluate_run,
+    reconstruction_examples,
+    vae_scores,
+    write_outputs,
+)
+from millvae.detector import detector_config
+from millvae.errors import ArgParser, MillvaeError
+from millvae.quiet import StderrFilter, import_tensorflow
+from millvae.runtime import configure_threads, settle_gc
 
-# mlflow's generated run names look like "bold-cat-123"; only those are replaced by ours
-_GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
 EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "rounded_accuracy")
 MIN_DELTA = 0.0002
+
+
+def parser() -> ArgParser:
+    """`millvae train`'s options: every `TrainConfig` parameter, plus `--quiet`."""
+    p = ArgParser(prog="millvae train", description="Train one β-VAE as one MLflow run.")
+    for name in PARAM_NAMES:
+        p.add_argument(f"--{name}", default=PARAM_DEFAULTS[name], help=PARAM_HELP[name])
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Parse, train one model, say where it went."""
+    args = vars(parser().parse_args(argv))
+    quiet = args.pop("quiet")
+    cfg = make_config(**args)
+    preload()
+    result = train_run(cfg, verbose=0 if quiet else 2)
+    print(
+        f"millvae: run {result.run_id} finished: {result.epochs_trained} epochs, best val loss "
+        f"{result.best_val_loss:.5f} at epoch {result.best_epoch}, {result.training_seconds:.1f} s"
+    )
+    return 0
 
 
 @dataclass
@@ -50,135 +82,15 @@ def preload() -> None:
     import_tensorflow()
     import mlflow  # noqa: F401
 
-    from millvae.runtime import settle_gc
-
     settle_gc()
-
-
-@contextmanager
-def tracked_run(
-    cfg: TrainConfig,
-    *,
-    nested: bool = False,
-    tags: dict | None = None,
-    run_name: str | None = None,
-    experiment_id: str | None = None,
-) -> Iterator:
-    """Start (or continue, under `mlflow run`) a run; any failure ends it FAILED with the reason.
-
-    Under `mlflow run`, MLFLOW_RUN_ID names a run that already exists and holds the -P values as
-    params; we continue that run rather than creating one.
-    """
-    import mlflow
-
-    from millvae.store import prepare_store
-
-    prepare_store()  # two commands on a new sqlite store: one creates it, the other waits
-    run_name = run_name or cfg.run_name()
-    existing = os.environ.get("MLFLOW_RUN_ID")
-    if experiment_id is not None:
-        # a search trial: always a new run in the search's experiment, never the driver's run
-        run = _start_new_run(experiment_id, run_name, tags)
-    elif existing and not nested:
-        run = mlflow.start_run(run_id=existing)
-        exp = mlflow.get_experiment(run.info.experiment_id)
-        if exp is not None and exp.name != cfg.experiment:
-            mlflow.set_tag("millvae.experiment_requested", cfg.experiment)
-            print(
-                f"millvae: note: `mlflow run` created this run in experiment {exp.name!r}; "
-                f"pass --experiment-name {cfg.experiment} to `mlflow run` to file it there",
-                file=sys.stderr,
-            )
-    elif nested and mlflow.active_run() is not None:
-        # children live beside their parent, wherever `mlflow run` put it
-        parent = mlflow.active_run()
-        run = _start_new_run(parent.info.experiment_id, run_name, tags, parent.info.run_id)
-    else:
-        run = _start_new_run(mlflow.set_experiment(cfg.experiment).experiment_id, run_name, tags)
-    try:
-        if _GENERATED_NAME.match(run.info.run_name or ""):
-            mlflow.set_tag("mlflow.runName", run_name)
-        yield run
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        try:
-            mlflow.set_tag("millvae.error", f"{type(exc).__name__}: {reason}"[:5000])
-        finally:
-            mlflow.end_run(status=status)
-        raise
-    else:
-        mlflow.end_run(status="FINISHED")
-
-
-def _start_new_run(
-    experiment_id: str, run_name: str, tags: dict | None, parent_id: str | None = None
-):
-    """A new run, created explicitly and then made active.
-
-    `mlflow.start_run()` without a run id picks up MLFLOW_RUN_ID, which `mlflow run` sets to the
-    entry point's own run: under `mlflow run -e repeat` the first "child" was the parent itself.
-    """
-    import mlflow
-    from mlflow.tracking.context.registry import resolve_tags
-
-    all_tags = {**(tags or {}), "mlflow.runName": run_name}
-    if parent_id is not None:
-        all_tags["mlflow.parentRunId"] = parent_id
-    # the source/user/git tags start_run would add
-    created = mlflow.MlflowClient().create_run(experiment_id, tags=resolve_tags(all_tags))
-    return mlflow.start_run(run_id=created.info.run_id, nested=parent_id is not None)
-
-
-def log_params_once(cfg: TrainConfig) -> None:
-    """Log the config as params, skipping keys `mlflow run` already logged (values can't change)."""
-    import mlflow
-
-    run = mlflow.active_run()
-    have = mlflow.get_run(run.info.run_id).data.params
-    todo = {k: v for k, v in cfg.to_params().items() if k not in have}
-    if todo:
-        mlflow.log_params(todo)
-
-
-def _epoch_logger():
-    import keras
-    import mlflow
-
-    class MlflowEpochLogger(keras.callbacks.Callback):
-        """Per-epoch metrics to MLflow with step=epoch (1-based, as Keras prints them)."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            # non-finite values are logged too (MLflow stores inf as the largest float): an early
-            # blow-up of the validation KL is worth seeing, not hiding
-            metrics = {k: float(v) for k, v in (logs or {}).items()}
-            metrics["epoch_seconds"] = time.perf_counter() - self._t0
-            metrics["learning_rate"] = float(self.model.optimizer.learning_rate)
-            mlflow.log_metrics(metrics, step=epoch + 1)
-
-    return MlflowEpochLogger()
 
 
 def build_model(cfg: TrainConfig, n_signals: int):
     """A freshly initialised β-VAE of the run's architecture (seeds Keras with `cfg.seed`)."""
-    from millvae.model.vae import build_vae
+    from millvae.model.vae import ARCHITECTURE, build_vae
 
-    return build_vae(
-        window_size=cfg.window_size,
-        n_signals=n_signals,
-        codings_size=cfg.codings_size,
-        conv_layers=cfg.conv_layers,
-        start_filter_no=cfg.start_filter_no,
-        kernel_size=cfg.kernel_size,
-        dilations=cfg.dilations,
-        final_activation=cfg.final_activation,
-        beta=cfg.beta,
-        seed=cfg.seed,
-        bn_momentum=cfg.bn_momentum,
-    )
+    given = {name: getattr(cfg, name) for name in ARCHITECTURE if name != "n_signals"}
+    return build_vae(**given, n_signals=n_signals)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -259,8 +171,6 @@ def _quiet_first_step():
     graph passes print oneDNN's DT_INT32 notice (see `millvae.quiet`)."""
     import keras
 
-    from millvae.quiet import StderrFilter
-
     class QuietFirstStep(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -281,7 +191,6 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     import keras
 
     from millvae.model.vae import FusedAdam
-    from millvae.runtime import configure_threads
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
     x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
@@ -347,86 +256,90 @@ def train_run(
     run_name: str | None = None,
     experiment_id: str | None = None,
 ) -> TrainResult:
-    """Prepare data (unless given), train and log everything to one MLflow run."""
+    """Prepare data (unless given), train, evaluate and record everything in one MLflow run."""
     import_tensorflow()
-    import mlflow
-
-    from millvae.detect import plots
-
-    with tracked_run(
+    with tracking.tracked_run(
         cfg, nested=nested, tags=tags, run_name=run_name, experiment_id=experiment_id
     ) as run:
-        log_params_once(cfg)
-        mlflow.set_tags({"millvae.version": millvae.__version__, "model_type": "beta_vae"})
-        if prepared is None:
-            prepared = prepare(cfg)
-        _log_data(prepared)
-        if run_name is None:  # ours: now the data source is known, name it
-            mlflow.set_tag("mlflow.runName", cfg.run_name(prepared.data_source))
-        why = why_no_detection(prepared, cfg.positive)
-        if why:  # said up front, not discovered as missing metrics after the fit
-            warnings.warn(why, stacklevel=2)
-            mlflow.set_tag("millvae.no_detection", why)
-        model, history, seconds = fit(cfg, prepared, [_epoch_logger()], verbose=verbose)
-        best_idx = history.attrs["best_epoch"] - 1
-        result = TrainResult(
-            run_id=run.info.run_id,
-            epochs_trained=len(history),
-            best_epoch=best_idx + 1,
-            best_val_loss=float(history["val_loss"].iloc[best_idx]),
-            training_seconds=seconds,
-            history=history,
-            model=model,
-            prepared=prepared,
-        )
-        mlflow.log_metrics(
-            {
-                "epochs_trained": result.epochs_trained,
-                "best_epoch": result.best_epoch,
-                "best_val_loss": result.best_val_loss,
-                "training_seconds": seconds,
-                "param_count": int(model.count_params()),
-            }
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            history.to_csv(tmp / "history.csv", index=False)
-            plots.loss_curves(history, result.best_epoch, tmp / "loss_curves.png")
-            (tmp / "scaler.json").write_text(json.dumps(prepared.scaler.to_dict(), indent=2))
-            cuts_table(prepared).to_csv(tmp / "cuts.csv")
-            mlflow.log_artifact(str(tmp / "cuts.csv"), "data")
-            mlflow.log_artifact(str(tmp / "history.csv"))
-            mlflow.log_artifact(str(tmp / "loss_curves.png"), "plots")
-            mlflow.log_artifact(str(tmp / "scaler.json"))
-        log_keras_model(model, prepared)
-        result.evaluation = evaluate_run(model, prepared, cfg)
+        tracking.start_record(cfg.to_params(), model_type="beta_vae")
+        prepared = prepared if prepared is not None else prepare(cfg)
+        _record_data(prepared, cfg, rename=run_name is None)
+        model, history, seconds = fit(cfg, prepared, [tracking.epoch_logger()], verbose=verbose)
+        result = _result(run.info.run_id, model, history, seconds, prepared)
+        _record_training(result)
+        result.evaluation = evaluate_model(model, prepared, cfg)
     return result
 
 
-def evaluate_run(model, prepared: Prepared, cfg: TrainConfig):
-    """Score every window, log detection metrics, plots, scores and the pyfunc detector."""
-    import mlflow
+def _record_data(prepared: Prepared, cfg: TrainConfig, rename: bool) -> None:
+    """The data's provenance and counts; the run named once its source is known; a warning up
+    front (not missing metrics after the fit) where no detection figure can be computed."""
+    tracking.log_data(prepared)
+    if rename:
+        tracking.set_tags({"mlflow.runName": cfg.run_name(prepared.data_source)})
+    why = why_no_detection(prepared, cfg.positive)
+    if why:
+        warnings.warn(why, stacklevel=3)
+        tracking.set_tags({"millvae.no_detection": why})
 
-    from millvae.detect.evaluate import (
-        VAE_SCORES,
-        evaluate_and_log,
-        reconstruction_examples,
-        vae_scores,
+
+def _result(run_id: str, model, history: pd.DataFrame, seconds: float, prepared: Prepared):
+    best_idx = history.attrs["best_epoch"] - 1
+    return TrainResult(
+        run_id=run_id,
+        epochs_trained=len(history),
+        best_epoch=best_idx + 1,
+        best_val_loss=float(history["val_loss"].iloc[best_idx]),
+        training_seconds=seconds,
+        history=history,
+        model=model,
+        prepared=prepared,
     )
 
+
+def _record_training(result: TrainResult) -> None:
+    """The fit's figures, history, loss plot, scaler, per-cut table and the Keras model."""
+    tracking.log_metrics(
+        {
+            "epochs_trained": result.epochs_trained,
+            "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss,
+            "training_seconds": result.training_seconds,
+            "param_count": int(result.model.count_params()),
+        }
+    )
+    prepared = result.prepared
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        result.history.to_csv(tmp / "history.csv", index=False)
+        plots.loss_curves(result.history, result.best_epoch, tmp / "loss_curves.png")
+        (tmp / "scaler.json").write_text(json.dumps(prepared.scaler.to_dict(), indent=2))
+        cuts_table(prepared).to_csv(tmp / "cuts.csv")
+        tracking.log_files(
+            tmp,
+            {
+                "cuts.csv": "data",
+                "history.csv": None,
+                "loss_curves.png": "plots",
+                "scaler.json": None,
+            },
+        )
+    tracking.log_keras_model(result.model, prepared)
+
+
+def evaluate_model(model, prepared: Prepared, cfg: TrainConfig) -> Evaluation:
+    """Score every window; record the detection metrics, plots, scores and the pyfunc detector."""
     t0 = time.perf_counter()
     scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
-    ev = evaluate_and_log(
-        scores,
-        prepared,
-        VAE_SCORES,
-        cfg,
-        title=f"{cfg.model_name()} | split={cfg.split} | {prepared.data_source} data",
-        examples=reconstruction_examples(model, prepared, scores),
-        extra_metrics={"scoring_seconds": time.perf_counter() - t0},
-        log_metrics=False,
+    ev = evaluate_run(
+        scores, prepared, VAE_SCORES, cfg, {"scoring_seconds": time.perf_counter() - t0}
     )
     ev.normalizer = normalizer
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"{cfg.model_name()} | split={cfg.split} | {prepared.data_source} data"
+        examples = reconstruction_examples(model, prepared, scores)
+        write_outputs(ev, prepared, cfg, Path(tmp), title=title, examples=examples)
+        tracking.log_evaluation(ev, cfg, Path(tmp), metrics=False)
     info = None
     try:
         info = _log_detector(model, prepared, cfg, ev)
@@ -435,22 +348,17 @@ def evaluate_run(model, prepared: Prepared, cfg: TrainConfig):
         # metrics a run already has: it reads the whole history of every metric key of the run
         # to find them (201 queries per trial, about 0.5 s, growing with the epochs); logged
         # before it, these 125 keys were read and written twice.
-        model_id = info.model_id if info is not None else None
-        mlflow.log_metrics(grouped(ev.metrics), model_id=model_id)
+        tracking.log_metrics(ev.metrics, model_id=info.model_id if info is not None else None)
     return ev
 
 
-def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev):
+def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev: Evaluation):
     """The pyfunc detector, when validation allows a threshold; its ModelInfo, else None."""
-    import mlflow
-
-    from millvae.detector import detector_config, log_detector
-
     d = ev.decision_score
     if d not in ev.thresholds or d.removesuffix("_cond") not in ev.thresholds:
         # without both classes on validation no threshold can be chosen honestly
-        mlflow.set_tag(
-            "millvae.detector", "not logged: validation lacks healthy or positive windows"
+        tracking.set_tags(
+            {"millvae.detector": "not logged: validation lacks healthy or positive windows"}
         )
         return None
     part = "val" if prepared.mask("val").any() else "train"
@@ -465,7 +373,7 @@ def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev):
         score_seed=cfg.seed,
     )
     conditions = prepared.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
-    return log_detector(
+    return tracking.log_detector(
         model,
         config,
         example_raw=prepared.scaler.inverse_transform(prepared.x[pick]),
@@ -482,88 +390,3 @@ def cuts_table(p: Prepared) -> pd.DataFrame:
     )
     table["split"] = splits
     return table
-
-
-def _log_data(p: Prepared) -> None:
-    import mlflow
-
-    mlflow.set_tags(
-        {
-            "data_source": p.data_source,
-            "data_sha256": p.data_sha256,
-            "data_path": p.data_path,
-            "signals_used": ",".join(p.signal_names),
-            "regions_from": p.regions_from,
-            "dropped_records": ",".join(map(str, sorted(p.dropped))) or "none",
-        }
-    )
-    if p.data_source == "synthetic":
-        mlflow.set_tag("millvae.synthetic_data", "true: trained on the SYNTHETIC milling simulator")
-    if p.labels_path:
-        mlflow.set_tags({"labels_path": p.labels_path, "labels_sha256": p.labels_sha256})
-    _log_dataset(p)
-    mlflow.log_metrics(grouped({k: float(v) for k, v in p.counts().items()}))
-
-
-def _log_dataset(p: Prepared) -> None:
-    """The run's Dataset column in `mlflow ui`: the data file's name, source and digest."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    if not p.data_path:
-        return
-    name = f"{Path(p.data_path).name} ({p.data_source})"
-    # the store keeps 36 characters of a digest; the full sha256 is the data_sha256 tag
-    with warnings.catch_warnings():  # "can be interpreted in multiple ways": all of them local
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(p.data_path)
-    dataset = MetaDataset(source, name=name, digest=p.data_sha256[:36])
-    # Search workers starting trials on the same data together both insert the experiment's one
-    # dataset row; the loser's UNIQUE violation means the row exists: link to it on a retry.
-    for attempt in range(3):
-        try:
-            mlflow.log_input(dataset, context="training")
-            return
-        except Exception as exc:  # the store's IntegrityError arrives wrapped in MlflowException
-            if attempt == 2 or "UNIQUE" not in str(exc).upper():
-                print(f"millvae: warning: dataset not linked to the run: {exc}", file=sys.stderr)
-                return
-            time.sleep(0.2 * (attempt + 1))
-
-
-def log_keras_model(model, prepared: Prepared) -> None:
-    """The Keras model with signature, input example and the scaler in its MLmodel metadata."""
-    import mlflow.tensorflow
-    from mlflow.models import Model, infer_signature
-
-    from millvae.detector import NoReloadFlavor
-    from millvae.detector import pip_requirements as detector_pip_requirements
-    from millvae.model.vae import CUSTOM_OBJECTS, warm_keras_saving
-
-    warm_keras_saving()
-    example = prepared.get("val")[:2]
-    if len(example) == 0:
-        example = prepared.get("train")[:2]
-    signature = infer_signature(example, np.asarray(model(example, training=False)))
-    # no MLflow serving check: it loads the files back and predicts the example (about 1 s per
-    # model, a search trial's time spent deserialising what is in memory); the example was just
-    # run through the model above, and the tests load and serve logged models
-    Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=NoReloadFlavor(mlflow.tensorflow),
-        model=model,
-        validate_serving_input=False,
-        signature=signature,
-        input_example=example,
-        custom_objects=CUSTOM_OBJECTS,
-        code_paths=[str(Path(millvae.__file__).parent)],
-        pip_requirements=detector_pip_requirements(),
-        metadata={
-            "millvae_scaler": prepared.scaler.to_dict(),
-            "data_source": prepared.data_source,
-            "data_sha256": prepared.data_sha256,
-            "input": "min-max scaled windows [n, window_size, n_signals]; see millvae_scaler",
-        },
-    )

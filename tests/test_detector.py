@@ -21,11 +21,11 @@ from millvae.detect.scoring import CONDITION_COLUMNS, ConditionNormalizer, windo
 from millvae.detector import (
     MAX_BODY_BYTES,
     detector_config,
-    log_detector,
     score_raw,
     signal_ranges,
 )
 from millvae.errors import MillvaeError
+from millvae.tracking import log_detector
 
 from .servers import serving_model
 

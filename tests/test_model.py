@@ -334,14 +334,14 @@ def _plain_keras_tcn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build TCNs as keras-tcn does: its own TCN layer, with Keras' own Conv1D."""
     import contextlib
 
-    import millvae.model.vae
+    import millvae.model.fused
 
-    monkeypatch.setattr(millvae.model.vae, "TCN_LAYER", millvae.model.vae.TCN)
-    monkeypatch.setattr(millvae.model.vae, "_tcn_conv_layers", contextlib.nullcontext)
+    monkeypatch.setattr(millvae.model.fused, "TCN_LAYER", millvae.model.fused.TCN)
+    monkeypatch.setattr(millvae.model.fused, "tcn_conv_layers", contextlib.nullcontext)
 
 
 def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypatch, tmp_path):
-    import millvae.model.vae
+    import millvae.model.fused
     from millvae.model.vae import CausalConv1D
 
     x = tf.constant(sinusoid_windows(64, 32, 3, seed=3))
@@ -387,12 +387,12 @@ def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypa
     plain.save(path)
     monkeypatch.undo()
     loaded = keras.models.load_model(path)
-    assert type(loaded.encoder.get_layer("encoder_tcn_0")) is millvae.model.vae.FusedTCN
+    assert type(loaded.encoder.get_layer("encoder_tcn_0")) is millvae.model.fused.FusedTCN
     # the same weights; the fused kernels' rounding moves a few outputs by ~3e-6
     np.testing.assert_allclose(loaded.forward(x)[2], plain.forward(x)[2], rtol=1e-5, atol=1e-5)
 
     # where the runtime has no dilated Conv2D kernel, the layer is Keras' Conv1D again
-    monkeypatch.setattr(millvae.model.vae, "_native_dilated_conv", lambda: False)
+    monkeypatch.setattr(millvae.model.fused, "_native_dilated_conv", lambda: False)
     fallback = build_vae(**SMALL)
     assert "SpaceToBatchND" in loss_and_gradients(fallback)[2]
 
@@ -400,13 +400,13 @@ def test_dilated_convolutions_match_keras_conv1d_without_space_to_batch(monkeypa
 def _matrix_product_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """The matrix-product filter gradient for 8-16 channels, as on CPUs without AVX-512, so that
     it is tested on every machine."""
-    from millvae.model import vae as mm
+    from millvae.model import fused as mm
 
     monkeypatch.setattr(mm, "GEMM_FILTER_GRAD_CHANNELS", (8, 16))
 
 
 def test_matrix_product_gradients_only_where_the_cpu_lacks_avx512():
-    from millvae.model import vae as mm
+    from millvae.model import fused as mm
     from millvae.runtime import cpu_flags
 
     if "avx512f" in cpu_flags():  # oneDNN's AVX-512 kernels measured faster
@@ -432,7 +432,7 @@ def test_matrix_product_gradients_only_where_the_cpu_lacks_avx512():
 def test_filter_gradient_as_matrix_products_equals_keras_conv1d(
     channels, kernel_size, rate, batch, gemm, monkeypatch
 ):
-    from millvae.model import vae as mm
+    from millvae.model import fused as mm
 
     _matrix_product_gradients(monkeypatch)
     assert mm._gemm_channels(channels) == gemm
@@ -478,7 +478,7 @@ def test_matrix_product_gradient_is_registered_once_not_per_trace(monkeypatch):
     # ~23 MiB per fit that never came back (tests/test_train.py, repeated fits)
     from tensorflow.python.framework import ops as tf_ops
 
-    from millvae.model import vae as mm
+    from millvae.model import fused as mm
 
     _matrix_product_gradients(monkeypatch)
 
@@ -622,7 +622,7 @@ ONEDNN_CHILD = textwrap.dedent(
     x = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
     loss = model.fit(x, epochs=1, batch_size=16, verbose=0).history["loss"][0]
     print(json.dumps({"onednn": _pywrap_util_port.IsMklEnabled(),
-                      "native": mm._native_dilated_conv(), "loss": loss}))
+                      "native": mm.fused._native_dilated_conv(), "loss": loss}))
     """
 )
 

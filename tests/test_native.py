@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 from tcn import TCN
 
-from millvae.model.vae import FusedTCN, _native_dilated_conv, build_vae, native
+from millvae.model.fused import FusedTCN, _native_dilated_conv, native
+from millvae.model.vae import build_vae
 
 from .test_model import SMALL
 
@@ -152,11 +153,11 @@ def _tcn_pair(cls_args: dict, n_in: int):
 def test_fused_tcn_equals_keras_tcn_values_and_gradients(
     kernels, n_in, filters, kernel_size, dilations, gemm, monkeypatch
 ):
-    import millvae.model.vae
+    import millvae.model.fused
 
     if not _native_dilated_conv():
         pytest.skip("no dilated Conv2D kernel here: FusedTCN is keras-tcn's TCN")
-    monkeypatch.setattr(millvae.model.vae, "GEMM_FILTER_GRAD_CHANNELS", (8, 16) if gemm else None)
+    monkeypatch.setattr(millvae.model.fused, "GEMM_FILTER_GRAD_CHANNELS", (8, 16) if gemm else None)
     args = dict(
         nb_filters=filters,
         kernel_size=kernel_size,
@@ -186,7 +187,7 @@ def test_fused_tcn_equals_keras_tcn_values_and_gradients(
 def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypatch, groups):
     # on 2-4 cores each TCN computes its windows in groups side by side; batches smaller than
     # the number of groups (a single window scored) must work too
-    import millvae.model.vae
+    import millvae.model.fused
 
     layer = FusedTCN(
         nb_filters=8, kernel_size=3, dilations=[1, 2], return_sequences=True, activation="selu"
@@ -196,9 +197,9 @@ def test_windows_in_groups_give_the_same_values_and_gradients(kernels, monkeypat
 
     for n in (1, 2, 5, 64):
         x, dy = _rng_tensor(rng, (n, 16, 3)), _rng_tensor(rng, (n, 16, 8))
-        monkeypatch.setattr(millvae.model.vae, "window_groups", lambda: 1)
+        monkeypatch.setattr(millvae.model.fused, "window_groups", lambda: 1)
         (want_y, want_grads), _ = _traced_layer(layer, x, dy)
-        monkeypatch.setattr(millvae.model.vae, "window_groups", lambda: groups)
+        monkeypatch.setattr(millvae.model.fused, "window_groups", lambda: groups)
         (y, grads), graph_ops = _traced_layer(layer, x, dy)
         assert "SplitV" in graph_ops  # the windows went in groups
         assert y.shape == want_y.shape == (n, 16, 8)

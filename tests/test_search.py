@@ -14,15 +14,10 @@ from scipy import stats
 from sklearn.model_selection import ParameterSampler
 
 from millvae.errors import MillvaeError
-from millvae.search import (
-    DEFAULT_SPACE,
-    WorkerPool,
-    load_space,
-    main,
-    sample_trials,
-    space_from_spec,
-    trial_cost,
-)
+from millvae.search import main
+from millvae.search.space import DEFAULT_SPACE, load_space, sample_trials, space_from_spec
+from millvae.search.trial import trial_cost
+from millvae.search.workers import WorkerPool
 
 TINY_SPACE = """
 beta: {uniform: [0.5, 9.0]}

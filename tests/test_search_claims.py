@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from millvae.search import PARENT_TAG, SEARCH_ID_TAG
+from millvae.search.store import PARENT_TAG, SEARCH_ID_TAG
 
 from .conftest import REPO
 from .test_search import _children, _finish, _search_proc, small_mat  # noqa: F401  (fixture)
@@ -32,7 +32,7 @@ RACER = """
 import json, os, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from millvae import search as S
+from millvae.search import store as S
 
 tmp, what = Path(sys.argv[1]), sys.argv[2]
 client = MlflowClient()

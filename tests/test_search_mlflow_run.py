@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from millvae.search import PARENT_TAG, SEARCH_ID_TAG, TRIAL_TAG
+from millvae.search.store import PARENT_TAG, SEARCH_ID_TAG, TRIAL_TAG
 
 from .conftest import REPO
 from .test_search import TINY_SPACE, small_mat  # noqa: F401  (fixture)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from millvae.errors import MillvaeError
-from millvae.search import main, sample_trials
+from millvae.search import main
+from millvae.search.space import sample_trials
 
 from .conftest import REPO
 from .test_search import TINY_SPACE, _children, small_mat  # noqa: F401  (fixture)
@@ -111,7 +112,7 @@ def test_the_command_exits_non_zero_with_one_line_and_no_traceback(
 
 
 def test_a_rule_between_two_searched_parameters_leaves_bad_combinations_to_the_trials():
-    from millvae.search import check_space
+    from millvae.search.space import check_space
 
     # learning_rate 0.01 is valid with lr_max 0.02 and lr_max 0.005 with learning_rate 0.001:
     # each value has a partner, so the space is accepted; the pair (0.01, 0.005) fails its trial

@@ -43,7 +43,7 @@ def served(trained, tmp_path_factory) -> Iterator[Served]:
     """The logged detector behind `mlflow models serve`, in a throw-away sqlite store."""
     import mlflow
 
-    from millvae.detector import log_detector
+    from millvae.tracking import log_detector
 
     tmp = tmp_path_factory.mktemp("serve-edges")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from millvae.errors import MillvaeError
-from millvae.store import prepare_store, sqlite_path
+from millvae.tracking import prepare_store, sqlite_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ RACER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import mlflow
-    from millvae.store import prepare_store
+    from millvae.tracking import prepare_store
     uri, barrier = sys.argv[1], Path(sys.argv[2])
     (barrier / f"ready-{os.getpid()}").touch()
     while not (barrier / "go").exists():

@@ -23,12 +23,13 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from millvae.cache import default_cache_dir, file_lock
+from millvae.data.synthetic import SYNTHETIC_VERSION, write_synthetic_mat
 from millvae.errors import ArgParser, MillvaeError
 
 NASA_URL = "https://phm-datasets.s3.amazonaws.com/NASA/3.+Milling.zip"
@@ -454,8 +455,6 @@ def download_seed_labels(
 
 def _synthetic_file(folder: Path, seed: int) -> Path:
     """``folder/synthetic_v{VERSION}_seed{seed}.mat``, generated once even for parallel callers."""
-    from millvae.data.synthetic import SYNTHETIC_VERSION, write_synthetic_mat
-
     target = folder / f"synthetic_v{SYNTHETIC_VERSION}_seed{seed}.mat"
     if target.is_file():
         return target.resolve()

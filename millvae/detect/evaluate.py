@@ -6,6 +6,7 @@ used for reporting, never for choosing.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,15 +15,10 @@ import pandas as pd
 
 from millvae.data.prepare import Prepared
 from millvae.detect import metrics as M
+from millvae.detect import plots
 from millvae.detect.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
-from millvae.metric_groups import grouped
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
-PROTOCOLS = {
-    "window": "seed protocol: random stratified window split (leaks cuts across splits)",
-    "case": "leak-free: whole tools per split, failing tools divided between val and test",
-    "cut": "whole cuts per split, stratified by tool class",
-}
 
 
 @dataclass
@@ -70,6 +66,14 @@ def choose_threshold(
     return M.threshold_f1(y_val, s_val)
 
 
+class _Figures(dict):
+    """Metric name -> value, keeping finite values only."""
+
+    def put(self, name: str, value: float | None) -> None:
+        if value is not None and np.isfinite(value):
+            self[name] = float(value)
+
+
 def evaluate(
     scores: pd.DataFrame,
     windows: pd.DataFrame,
@@ -87,68 +91,76 @@ def evaluate(
     y = M.positive_labels(windows["tool_class"].to_numpy(), positive)
     split = windows["split"].to_numpy()
     healthy = (windows["tool_class"] == 0).to_numpy()
-    out: dict[str, float] = {}
+    out = _Figures()
     thresholds: dict[str, float] = {}
-
-    def put(name: str, value: float) -> None:
-        if value is not None and np.isfinite(value):
-            out[name] = float(value)
-
     for part in ("val", "test"):
         m = split == part
-        put(f"{part}_positive_rate", y[m].mean() if m.any() else np.nan)
-        put(f"{part}_n_positive", y[m].sum())
-
+        out.put(f"{part}_positive_rate", y[m].mean() if m.any() else np.nan)
+        out.put(f"{part}_n_positive", y[m].sum())
     for name in score_names:
         s_all = scores[name].to_numpy(dtype=float)
-        for part in ("val", "test"):
-            m = (split == part) & np.isfinite(s_all)
-            yp, sp = y[m], s_all[m]
-            put(f"{part}_ap_{name}", M.average_precision(yp, sp))
-            put(f"{part}_rocauc_{name}", M.roc_auc(yp, sp))
-            put(f"{part}_prauc_{name}", M.seed_pr_auc(yp, sp))
+        _ranking_figures(out, name, y, s_all, split)
         v = (split == "val") & np.isfinite(s_all)
         if not v.any() or y[v].all() or not y[v].any():
             continue  # no threshold can be chosen without both classes on validation
         thr = choose_threshold(y[v], s_all[v], healthy[v], threshold_method, threshold_percentile)
         thresholds[name] = float(thr)
-        put(f"threshold_{name}", thr)
-        for part in ("val", "test"):
-            m = (split == part) & np.isfinite(s_all)
-            if not m.any():
-                continue
-            p, r, f1 = M.precision_recall_f1(y[m], s_all[m], thr)
-            put(f"{part}_precision_{name}", p)
-            put(f"{part}_recall_{name}", r)
-            put(f"{part}_f1_{name}", f1)
+        out.put(f"threshold_{name}", thr)
+        _decision_figures(out, name, y, s_all, split, thr)
         t = (split == "test") & np.isfinite(s_all)
-        if not t.any():
-            continue
-        cuts = windows.loc[t, "cut_no"].to_numpy()
-        if n_boot > 0:
-            lo, hi = M.bootstrap_ci(
-                M.average_precision, y[t], s_all[t], cuts, n_boot=n_boot, seed=seed
-            )
-            put(f"test_ap_{name}_lo", lo)
-            put(f"test_ap_{name}_hi", hi)
-        per_cut = M.cut_level(s_all[t], cuts, y[t], thr)
-        put(f"test_cut_ap_{name}", M.average_precision(per_cut["y"], per_cut["mean"]))
-        put(f"test_cut_rocauc_{name}", M.roc_auc(per_cut["y"], per_cut["mean"]))
-        put(f"test_cutshare_ap_{name}", M.average_precision(per_cut["y"], per_cut["share"]))
-        for cond, mask in M.condition_subsets(windows.loc[t]).items():
-            yc, sc = y[t][mask], s_all[t][mask]
-            put(f"test_ap_{name}_{cond}", M.average_precision(yc, sc))
-            put(f"test_prauc_{name}_{cond}", M.seed_pr_auc(yc, sc))
-
+        if t.any():
+            _test_figures(out, name, y[t], s_all[t], windows.loc[t], thr, n_boot, seed)
     ranked = [(out.get(f"val_ap_{n}", -np.inf), n) for n in score_names if n in thresholds]
     decision = max(ranked)[1] if ranked else str(score_names[0])
     return Evaluation(
-        metrics=out,
+        metrics=dict(out),
         thresholds=thresholds,
         decision_score=decision,
         scores=scores,
         score_names=tuple(score_names),
     )
+
+
+def _ranking_figures(out: _Figures, name: str, y, s_all, split) -> None:
+    """AP, ROC-AUC and the seed's PR-AUC on validation and test: no threshold needed."""
+    for part in ("val", "test"):
+        m = (split == part) & np.isfinite(s_all)
+        yp, sp = y[m], s_all[m]
+        out.put(f"{part}_ap_{name}", M.average_precision(yp, sp))
+        out.put(f"{part}_rocauc_{name}", M.roc_auc(yp, sp))
+        out.put(f"{part}_prauc_{name}", M.seed_pr_auc(yp, sp))
+
+
+def _decision_figures(out: _Figures, name: str, y, s_all, split, thr: float) -> None:
+    """Precision, recall and F1 at the validation-chosen threshold."""
+    for part in ("val", "test"):
+        m = (split == part) & np.isfinite(s_all)
+        if not m.any():
+            continue
+        p, r, f1 = M.precision_recall_f1(y[m], s_all[m], thr)
+        out.put(f"{part}_precision_{name}", p)
+        out.put(f"{part}_recall_{name}", r)
+        out.put(f"{part}_f1_{name}", f1)
+
+
+def _test_figures(
+    out: _Figures, name: str, y, s, windows: pd.DataFrame, thr: float, n_boot: int, seed: int
+) -> None:
+    """On the test windows: AP's bootstrap interval over cuts, cut-level figures, and AP per
+    cutting condition."""
+    cuts = windows["cut_no"].to_numpy()
+    if n_boot > 0:
+        lo, hi = M.bootstrap_ci(M.average_precision, y, s, cuts, n_boot=n_boot, seed=seed)
+        out.put(f"test_ap_{name}_lo", lo)
+        out.put(f"test_ap_{name}_hi", hi)
+    per_cut = M.cut_level(s, cuts, y, thr)
+    out.put(f"test_cut_ap_{name}", M.average_precision(per_cut["y"], per_cut["mean"]))
+    out.put(f"test_cut_rocauc_{name}", M.roc_auc(per_cut["y"], per_cut["mean"]))
+    out.put(f"test_cutshare_ap_{name}", M.average_precision(per_cut["y"], per_cut["share"]))
+    for cond, mask in M.condition_subsets(windows).items():
+        yc, sc = y[mask], s[mask]
+        out.put(f"test_ap_{name}_{cond}", M.average_precision(yc, sc))
+        out.put(f"test_prauc_{name}_{cond}", M.seed_pr_auc(yc, sc))
 
 
 def write_plots(
@@ -162,8 +174,6 @@ def write_plots(
     signal_names=(),
 ) -> list[Path]:
     """The detection plots of one run, as PNG files in out_dir."""
-    from millvae.detect import plots
-
     windows = windows.reset_index(drop=True)
     y = M.positive_labels(windows["tool_class"].to_numpy(), positive)
     split = windows["split"].to_numpy()
@@ -222,26 +232,14 @@ def reconstruction_examples(model, prepared: Prepared, scores: pd.DataFrame) -> 
     return {name: (x[i], recon[i]) for i, name in enumerate(picks)}
 
 
-def evaluate_and_log(
+def evaluate_run(
     scores: pd.DataFrame,
     prepared: Prepared,
     score_names: tuple[str, ...] | list[str],
     cfg,
-    *,
-    title: str,
-    examples: dict | None = None,
     extra_metrics: dict | None = None,
-    log_metrics: bool = True,
 ) -> Evaluation:
-    """Evaluate with the run's settings and log metrics, tags, plots, scores and thresholds.
-
-    With `log_metrics=False` the caller logs `ev.metrics` (and `extra_metrics`, merged into it).
-    """
-    import json
-    import tempfile
-
-    import mlflow
-
+    """`evaluate` with a run's settings (positive class, threshold rule, bootstrap, seed)."""
     ev = evaluate(
         scores,
         prepared.windows,
@@ -253,43 +251,40 @@ def evaluate_and_log(
         seed=cfg.seed,
     )
     ev.metrics.update(extra_metrics or {})
-    if log_metrics:
-        mlflow.log_metrics(grouped(ev.metrics))
-    mlflow.set_tags(
-        {
-            "protocol": PROTOCOLS[cfg.split],
-            "decision_score": ev.decision_score,
-            "positive_class": cfg.positive,
-        }
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_plots(
-            ev,
-            prepared.windows,
-            tmp,
-            positive=cfg.positive,
-            title=title,
-            examples=examples,
-            signal_names=prepared.signal_names,
-        )
-        for png in sorted(tmp.glob("*.png")):
-            mlflow.log_artifact(str(png), "plots")
-        table = pd.concat(
-            [prepared.windows.reset_index(drop=True), ev.scores.reset_index(drop=True)], axis=1
-        )
-        # gzip level 1: a third of the default level's time for 7 % more bytes
-        table.to_csv(
-            tmp / "window_scores.csv.gz",
-            index=False,
-            compression={"method": "gzip", "compresslevel": 1},
-        )
-        mlflow.log_artifact(str(tmp / "window_scores.csv.gz"), "scores")
-        summary = {
-            "decision_score": ev.decision_score,
-            "method": cfg.threshold_method,
-            "thresholds": ev.thresholds,
-        }
-        (tmp / "thresholds.json").write_text(json.dumps(summary, indent=2))
-        mlflow.log_artifact(str(tmp / "thresholds.json"))
     return ev
+
+
+def write_outputs(
+    ev: Evaluation,
+    prepared: Prepared,
+    cfg,
+    folder: Path,
+    *,
+    title: str,
+    examples: dict | None = None,
+) -> None:
+    """The run's detection files in `folder`: plots, every window's scores, the thresholds."""
+    write_plots(
+        ev,
+        prepared.windows,
+        folder,
+        positive=cfg.positive,
+        title=title,
+        examples=examples,
+        signal_names=prepared.signal_names,
+    )
+    table = pd.concat(
+        [prepared.windows.reset_index(drop=True), ev.scores.reset_index(drop=True)], axis=1
+    )
+    # gzip level 1: a third of the default level's time for 7 % more bytes
+    table.to_csv(
+        folder / "window_scores.csv.gz",
+        index=False,
+        compression={"method": "gzip", "compresslevel": 1},
+    )
+    summary = {
+        "decision_score": ev.decision_score,
+        "method": cfg.threshold_method,
+        "thresholds": ev.thresholds,
+    }
+    (folder / "thresholds.json").write_text(json.dumps(summary, indent=2))

@@ -5,19 +5,23 @@ classes (their pickled custom objects say `millvae.model.<name>`).
 """
 
 from millvae.model.vae import (
+    CUSTOM_OBJECTS,
     BetaVAE,
     FusedAdam,
     FusedBatchNormalization,
     FusedTCN,
     OneCycle,
+    build_vae,
     warm_keras_saving,
 )
 
 __all__ = [
+    "CUSTOM_OBJECTS",
     "BetaVAE",
     "FusedAdam",
     "FusedBatchNormalization",
     "FusedTCN",
     "OneCycle",
+    "build_vae",
     "warm_keras_saving",
 ]

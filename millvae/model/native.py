@@ -1,6 +1,6 @@
 """Fused TCN kernels (`millvae/model/csrc/tcn_ops.cc`), compiled once per machine, loaded into TF.
 
-`millvae.model.vae.FusedTCN` runs the elementwise work of keras-tcn's residual blocks (bias, SELU,
+`millvae.model.fused.FusedTCN` runs the elementwise work of keras-tcn's residual blocks (bias, SELU,
 residual add, causal padding and their gradients) through these kernels: the seed default's
 training step took 1.26x less time on two Intel cores (AVX-512), the paper's best 1.27x. The same
 sums as TensorFlow's own ops; float32 results agree to rounding.

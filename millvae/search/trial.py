@@ -1,0 +1,145 @@
+"""One trial: its config from the sampled point and the fixed parameters, trained by
+`train_run` as a child run of the search's parent; a failure is recorded, never raised."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from millvae.config import PREP_PARAMS, make_config
+from millvae.errors import MillvaeError
+from millvae.search.store import (
+    CLAIM_TAG,
+    DRIVER_TAG,
+    HOST_TAG,
+    PID_TAG,
+    SEARCH_ID_TAG,
+    TRIAL_TAG,
+    Search,
+    _client,
+    claim_trial,
+)
+
+
+def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict:
+    """Train trial `index` as one child run; a failure is recorded, never raised."""
+    client = _client()
+    try:
+        claim = claim_trial(client, search, index)
+    except Exception as exc:  # the store refused or failed: this trial, not the worker, fails
+        first = _first_line(exc)
+        return {"index": index, "status": "FAILED", "error": f"could not claim it: {first}"}
+    if claim is None:  # finished, or running, under another driver (a second start, a shard)
+        return {"index": index, "status": "ELSEWHERE"}
+    params = {**search.trials[index], **search.overrides}
+    tags = _trial_tags(search, index, claim)
+    t0 = time.perf_counter()
+    try:
+        cfg = make_config(**params)
+    except MillvaeError as exc:  # an invalid combination: rejected before any training
+        return _reject(client, search, index, params, tags, exc)
+    return _train(client, search, index, cfg, tags, cache, verbose, t0)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _trial_tags(search: Search, index: int, claim: str) -> dict:
+    """The tags of trial `index`'s run, made under claim `claim` by this process."""
+    return {
+        "mlflow.parentRunId": search.parent_id,
+        SEARCH_ID_TAG: search.search_id,
+        TRIAL_TAG: str(index),
+        PID_TAG: str(os.getpid()),
+        HOST_TAG: socket.gethostname(),
+        DRIVER_TAG: search.driver,
+        CLAIM_TAG: claim,
+    }
+
+
+def _reject(client, search: Search, index: int, params: Mapping, tags: dict, exc) -> dict:
+    """A FAILED run for a trial whose parameters make no valid config (nothing trained)."""
+    run = client.create_run(search.experiment_id, tags=tags, run_name=f"trial-{index:04d}")
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, str(v))
+    client.set_tag(run.info.run_id, "millvae.error", f"invalid parameters: {exc}")
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return {"index": index, "status": "FAILED", "error": str(exc), "run_id": run.info.run_id}
+
+
+def _train(
+    client, search: Search, index: int, cfg, tags: dict, cache: dict, verbose: int, t0: float
+) -> dict:
+    """Train the trial's config with `train_run` (data prepared once per PREP_PARAMS key)."""
+    import mlflow
+
+    from millvae.data.prepare import prepare
+    from millvae.train import train_run
+
+    try:
+        key = tuple(getattr(cfg, p) for p in PREP_PARAMS)  # trials sharing these share data
+        if key not in cache:
+            cache.clear()  # one preparation held at a time keeps a worker's memory flat
+            cache[key] = prepare(cfg)
+        res = train_run(
+            cfg,
+            prepared=cache[key],
+            tags=tags,
+            run_name=f"trial-{index:04d}_{cfg.run_name()}",
+            experiment_id=search.experiment_id,
+            verbose=verbose,
+        )
+        m = mlflow.get_run(res.run_id).data.metrics
+        # memory of the worker after each of its trials: growth across trials would show here
+        client.log_metric(res.run_id, "worker_rss_mib", _rss_mib())
+        return {
+            "index": index,
+            "status": "FINISHED",
+            "run_id": res.run_id,
+            "metric": m.get(search.metric),
+            "seconds": time.perf_counter() - t0,
+            "fit_seconds": res.training_seconds,
+        }
+    except Exception as exc:  # train_run already ended the run FAILED with the reason
+        return {"index": index, "status": "FAILED", "error": _first_line(exc)}
+    finally:
+        try:
+            import keras
+
+            keras.backend.clear_session()  # no graph growth across a worker's trials
+        except Exception:
+            pass
+
+
+def trial_cost(params: Mapping) -> float:
+    """Relative compute of a trial, for dispatching the longest first (0 where it is invalid).
+
+    Per window and epoch, each TCN layer's residual blocks (one per dilation) run over the layer's
+    sequence length L with `filters` channels: convolutions ~ L·filters²·kernel, and the
+    elementwise passes, BatchNorm and pooling ~ L·filters. Fitted to the fit times of 8 trials
+    of the benchmark space on one thread (real data, 5 epochs): the per-channel term weighs like
+    256 convolution taps; the model explained each fit within 0.8 s.
+    """
+    try:
+        cfg = make_config(**params)
+    except MillvaeError:
+        return 0.0
+    # encoder and decoder: one TCN on each of the lengths window, window/2, ... per conv layer
+    lengths = 2 * sum(cfg.window_size / 2**i for i in range(cfg.conv_layers))
+    f = cfg.start_filter_no
+    return cfg.epochs * len(cfg.dilations) * lengths * f * (cfg.kernel_size * f + 256)
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
