@@ -128,58 +128,23 @@ def parse_signals(spec: str | Sequence[str] | None, present: Sequence[str]) -> t
 def load_mill(path: str | Path, signals: str | Sequence[str] | None = None) -> MillData:
     """Load `path`, drop corrupted records (with a warning naming them) and stack the signals."""
     path = Path(path)
-    if not path.is_file():
-        raise MillvaeError(f"data: expected a mill.mat file; got {str(path)!r} (no such file)")
-    try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=False)
-    except NotImplementedError as exc:
-        raise MillvaeError(
-            f"data: expected a MATLAB v5 mill.mat; {path} is a v7.3/HDF5 file ({exc})"
-        ) from None
-    except Exception as exc:  # scipy raises ValueError/TypeError/OSError for non-MAT content
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MillvaeError(
-            f"data: expected a MATLAB .mat file; {path} is not one ({reason})"
-        ) from None
-    if "mill" not in mat:
-        keys = [k for k in mat if not k.startswith("__")]
-        raise MillvaeError(
-            f"data: expected a variable 'mill' in {path.name}; found {', '.join(keys) or 'none'}"
-        )
-    mill = mat["mill"]
-    names = mill.dtype.names or ()
-    missing_meta = [f for f in META_FIELDS if f not in names]
-    if missing_meta:
-        raise MillvaeError(
-            f"data: 'mill' lacks the fields {', '.join(missing_meta)}; it has {', '.join(names)}"
-        )
-    present = [n for n in names if n not in META_FIELDS]
+    mat = _read_mat(path)
+    mill = _mill_struct(mat, path)
+    present = [n for n in mill.dtype.names if n not in META_FIELDS]
     wanted = parse_signals(signals, present)
     records = mill.ravel()
     if records.size == 0:
         raise MillvaeError(f"data: expected at least one cut in 'mill'; {path.name} has none")
-
     # Every known signal is checked, not only the wanted ones, so the same records are dropped
     # whichever signals a run uses (the split counts then do not depend on `signals`).
     known = [s for s in present if s in SIGNAL_NAMES or s in wanted]
-    lengths = np.array([[_signal_length(r[s])[0] for s in known] for r in records])
-    usable = lengths[(lengths >= 0).all(axis=1)]
-    expected_len = Counter(usable.ravel().tolist()).most_common(1)[0][0] if usable.size else None
-    dropped: dict[int, str] = {}
-    for i, rec in enumerate(records):
-        problem = _record_problem(rec, known, lengths[i].tolist(), expected_len)
-        if problem:
-            dropped[i] = problem
-    if dropped:
-        detail = "; ".join(f"{i} ({why})" for i, why in dropped.items())
-        warnings.warn(f"dropped corrupted records {sorted(dropped)}: {detail}", stacklevel=2)
+    expected_len, dropped = _screen(records, known)
     keep = [i for i in range(records.size) if i not in dropped]
     if not keep:
         raise MillvaeError(
             f"data: expected at least one good record in {path.name}; every one of its "
             f"{records.size} is corrupted (record 0: {dropped[0]})"
         )
-
     meta = {f: [_scalar(records[i][f]) for i in keep] for f in META_FIELDS}
     cuts = pd.DataFrame(meta, index=pd.Index(keep, name="cut_no"))
     for col in ("case", "run", "material"):
@@ -196,3 +161,53 @@ def load_mill(path: str | Path, signals: str | Sequence[str] | None = None) -> M
         synthetic="millvae_synthetic" in mat,
         n_records=int(records.size),
     )
+
+
+def _read_mat(path: Path) -> dict:
+    """The MATLAB file's variables, or a one-line error saying what the file is instead."""
+    if not path.is_file():
+        raise MillvaeError(f"data: expected a mill.mat file; got {str(path)!r} (no such file)")
+    try:
+        return scipy.io.loadmat(str(path), squeeze_me=False)
+    except NotImplementedError as exc:
+        raise MillvaeError(
+            f"data: expected a MATLAB v5 mill.mat; {path} is a v7.3/HDF5 file ({exc})"
+        ) from None
+    except Exception as exc:  # scipy raises ValueError/TypeError/OSError for non-MAT content
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MillvaeError(
+            f"data: expected a MATLAB .mat file; {path} is not one ({reason})"
+        ) from None
+
+
+def _mill_struct(mat: dict, path: Path) -> np.ndarray:
+    """The `mill` struct array, checked to carry every metadata field."""
+    if "mill" not in mat:
+        keys = [k for k in mat if not k.startswith("__")]
+        raise MillvaeError(
+            f"data: expected a variable 'mill' in {path.name}; found {', '.join(keys) or 'none'}"
+        )
+    mill = mat["mill"]
+    names = mill.dtype.names or ()
+    missing_meta = [f for f in META_FIELDS if f not in names]
+    if missing_meta:
+        raise MillvaeError(
+            f"data: 'mill' lacks the fields {', '.join(missing_meta)}; it has {', '.join(names)}"
+        )
+    return mill
+
+
+def _screen(records: np.ndarray, known: Sequence[str]) -> tuple[int | None, dict[int, str]]:
+    """(the length most records have, {record: why it is dropped}); warns naming the dropped."""
+    lengths = np.array([[_signal_length(r[s])[0] for s in known] for r in records])
+    usable = lengths[(lengths >= 0).all(axis=1)]
+    expected_len = Counter(usable.ravel().tolist()).most_common(1)[0][0] if usable.size else None
+    dropped: dict[int, str] = {}
+    for i, rec in enumerate(records):
+        problem = _record_problem(rec, known, lengths[i].tolist(), expected_len)
+        if problem:
+            dropped[i] = problem
+    if dropped:
+        detail = "; ".join(f"{i} ({why})" for i, why in dropped.items())
+        warnings.warn(f"dropped corrupted records {sorted(dropped)}: {detail}", stacklevel=3)
+    return expected_len, dropped

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from millvae.config import TrainConfig
-from millvae.errors import MillvaeError
 from millvae.data.mat import MillData, load_mill
-from millvae.detect.metrics import positive_labels
+from millvae.data.regions import detect_regions_with_sources
+from millvae.data.sources import DataFile, resolve_data, resolve_labels
 from millvae.data.windows import (
     CLASS_NAMES,
     HEALTHY,
@@ -26,7 +26,8 @@ from millvae.data.windows import (
     tool_class,
     window_starts,
 )
-from millvae.data.sources import DataFile, resolve_data, resolve_labels
+from millvae.detect.metrics import positive_labels
+from millvae.errors import MillvaeError
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -87,34 +88,11 @@ def prepare_from_mill(
     if labels_file is None and cfg.labels:
         labels_file = resolve_labels(cfg.labels)
     if labels_file is not None:
-        labels = read_labels(labels_file.path)
-        regions = regions_from_labels(
-            labels, cuts.index.tolist(), mill.n_samples, cuts["case"].to_numpy()
-        )
+        regions = _regions_from_labels_file(mill, cuts, labels_file)
         regions_from = "labels"
-        if "tool_class" in labels.columns:
-            theirs = labels.loc[cuts.index, "tool_class"].to_numpy()
-            differ = cuts.index[theirs != cuts["tool_class"].to_numpy()].tolist()
-            if differ:
-                warnings.warn(
-                    f"labels: tool_class of cuts {differ} differs from the one computed from VB; "
-                    "using the computed class",
-                    stacklevel=2,
-                )
     else:
-        from millvae.data.regions import detect_regions_with_sources
-
-        regions, deciders = detect_regions_with_sources(
-            mill.signals, mill.signal_names, cfg.window_size
-        )
+        regions = _detected_regions(mill, cuts, cfg.window_size)
         regions_from = "detected"
-        cuts["region_signal"] = deciders
-        central = cuts.index[deciders == "central"].tolist()
-        if central:
-            warnings.warn(
-                f"no clear cutting phase found in cuts {central}; using the central half of each",
-                stacklevel=2,
-            )
     cuts["region_start"], cuts["region_end"] = regions[:, 0], regions[:, 1]
 
     rows, starts = window_starts(regions, cfg.window_size, cfg.stride)
@@ -124,8 +102,45 @@ def prepare_from_mill(
             "regions; none does"
         )
     raw = cut_windows(mill.signals, rows, starts, cfg.window_size)
-    cut_meta = cuts.iloc[rows]
-    windows = pd.DataFrame(
+    windows = _window_table(cuts.iloc[rows], starts)
+    windows["split"] = _split(windows["tool_class"].to_numpy(), cuts, rows, cfg)
+    return raw, windows, cuts, regions_from
+
+
+def _regions_from_labels_file(mill: MillData, cuts: pd.DataFrame, labels_file: DataFile):
+    """The seed's hand-labelled stable regions; warns where its tool class disagrees with ours."""
+    labels = read_labels(labels_file.path)
+    regions = regions_from_labels(
+        labels, cuts.index.tolist(), mill.n_samples, cuts["case"].to_numpy()
+    )
+    if "tool_class" in labels.columns:
+        theirs = labels.loc[cuts.index, "tool_class"].to_numpy()
+        differ = cuts.index[theirs != cuts["tool_class"].to_numpy()].tolist()
+        if differ:
+            warnings.warn(
+                f"labels: tool_class of cuts {differ} differs from the one computed from VB; "
+                "using the computed class",
+                stacklevel=3,
+            )
+    return regions
+
+
+def _detected_regions(mill: MillData, cuts: pd.DataFrame, window_size: int):
+    """Stable regions found in the signals; notes in `cuts` which signal decided each."""
+    regions, deciders = detect_regions_with_sources(mill.signals, mill.signal_names, window_size)
+    cuts["region_signal"] = deciders
+    central = cuts.index[deciders == "central"].tolist()
+    if central:
+        warnings.warn(
+            f"no clear cutting phase found in cuts {central}; using the central half of each",
+            stacklevel=3,
+        )
+    return regions
+
+
+def _window_table(cut_meta: pd.DataFrame, starts: np.ndarray) -> pd.DataFrame:
+    """One row per window: its cut's identity, wear, class and cutting condition."""
+    return pd.DataFrame(
         {
             "cut_no": cut_meta.index.to_numpy(),
             "case": cut_meta["case"].to_numpy(),
@@ -138,7 +153,10 @@ def prepare_from_mill(
             "start": starts,
         }
     )
-    y = windows["tool_class"].to_numpy()
+
+
+def _split(y: np.ndarray, cuts: pd.DataFrame, rows: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """Each window's split: per window (the seed's, leaky), per tool or per cut."""
     if cfg.split == "window":
         present = np.bincount(y, minlength=3)
         if (present[present > 0] < 4).any():
@@ -146,16 +164,14 @@ def prepare_from_mill(
                 "split=window: expected >= 4 windows of every class present; "
                 f"got {present.tolist()}"
             )
-        windows["split"] = split_windows(y)
-    elif cfg.split == "case":
+        return split_windows(y)
+    if cfg.split == "case":
         per_cut = split_cases(
             cuts["case"].to_numpy(), cuts["tool_class"].to_numpy(), cfg.split_seed
         )
-        windows["split"] = per_cut[rows]
     else:
         per_cut = split_cuts(cuts["tool_class"].to_numpy(), cfg.split_seed)
-        windows["split"] = per_cut[rows]
-    return raw, windows, cuts, regions_from
+    return per_cut[rows]
 
 
 def prepare(cfg: TrainConfig, mill: MillData | None = None, data_file=None) -> Prepared:

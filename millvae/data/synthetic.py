@@ -182,151 +182,57 @@ def _regions(plan: _CasePlan, n: int) -> np.ndarray:
     return np.stack([start, end], axis=1)
 
 
+_COL = np.s_[:, None]  # index that turns a per-cut (m,) array into an (m, 1) column
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every signal step of one case shares: its random stream, time axes and conditions."""
+
+    rng: np.random.Generator
+    m: int  # cuts
+    n: int  # samples per cut
+    t: np.ndarray  # (n,) seconds
+    idx: np.ndarray  # (1, n) sample numbers
+    vb: np.ndarray  # (m,) true flank wear, mm
+    steel: bool
+    d_rel: float  # depth of cut relative to 0.75 mm
+    f_rel: float  # feed relative to 0.25 mm/rev
+
+    @classmethod
+    def of(cls, seed: int, plan: _CasePlan, n: int) -> _Pass:
+        """The pass of ``plan``'s cuts over ``n`` samples, with the case's own signal stream."""
+        return cls(
+            rng=np.random.default_rng(np.random.SeedSequence([seed, plan.case, 1])),
+            m=len(plan.runs),
+            n=n,
+            t=np.arange(n) / _FS_HZ,
+            idx=np.arange(n)[None, :],
+            vb=plan.vb_true,
+            steel=plan.material == 2,
+            d_rel=plan.doc / 0.75,
+            f_rel=plan.feed / 0.25,
+        )
+
+    def noise(self, sd: np.ndarray | float) -> np.ndarray:
+        """Fresh white noise of standard deviation ``sd`` on every (cut, sample)."""
+        return self.rng.standard_normal((self.m, self.n)) * sd
+
+
 def _signals(seed: int, plan: _CasePlan, n: int) -> dict[str, np.ndarray]:
     """Six (cuts, n) signal arrays of one case, before ADC quantisation."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, plan.case, 1]))
-    m = len(plan.runs)
-    scale = n / _REF_SAMPLES
-    t = np.arange(n) / _FS_HZ
-    idx = np.arange(n)[None, :]
-    col = np.s_[:, None]
-    vb = plan.vb_true
-    steel = plan.material == 2
-    d_rel, f_rel = plan.doc / 0.75, plan.feed / 0.25
-
-    # Engagement e in [0, 1]: concave rise as the cutter arc fills, convex fall at the exit.
-    entry, ramp_in = plan.entry * scale, plan.ramp_in * scale
-    s = np.clip((idx - entry[col]) / ramp_in[col], 0.0, 1.0)
-    e = 1.0 - (1.0 - s) ** 2
-    exit_ = np.where(np.isinf(plan.exit), 2.0 * n, plan.exit * scale)
-    u = np.clip((idx - exit_[col]) / (plan.ramp_out * scale)[col], 0.0, 1.0)
-    e *= (1.0 - u) ** 2
-    since_entry = np.maximum(idx - entry[col], 0.0) / _FS_HZ  # seconds after first contact
-    engaged = idx >= entry[col]
-    drift = 1.0 + rng.normal(0.0, 0.03, m)[col] * (idx / n)  # slow heating over the pass
-
-    # Cutting load above idle, in smcDC volts: grows with DOC, feed, steel and flank wear.
-    tool = rng.normal(1.0, 0.06)
-    wear_gain = 2.1 * rng.uniform(0.8, 1.25)
-    load = (
-        2.35
-        * d_rel**0.9
-        * f_rel**0.5
-        * (1.12 if steel else 1.0)
-        * tool
-        * rng.normal(1.0, 0.03, m)
-        * (1.0 + wear_gain * vb)
-    )
-
-    # Spindle harmonics shared by the vibration and AE channels (one excitation, several sensors).
-    f_sp = _SPINDLE_HZ * (1.0 + rng.normal(0.0, 0.004, m)) * (1.0 - 0.002 * load)
-    phases = rng.uniform(0.0, 2 * np.pi, (m, _N_HARMONICS))
-    harm = np.stack(
-        [
-            np.sin(2 * np.pi * (k + 1) * f_sp[col] * t[None, :] + phases[:, k, None])
-            for k in range(_N_HARMONICS)
-        ]
-    )  # (K, m, n)
-    base_profile = rng.dirichlet(np.full(_N_HARMONICS, 1.5))
-    base_profile[5] += 0.4  # tooth passing: six inserts
-    base_profile /= np.linalg.norm(base_profile)
-    runout = np.zeros(_N_HARMONICS)
-    runout[:2] = (0.25, 0.12)  # one worn insert cuts more: once- and twice-per-rev components grow
-    vib_amp = 0.28 * base_profile[None, :] + vb[col] * runout[None, :]  # (m, K)
-    ae_profile = rng.dirichlet(np.full(_N_HARMONICS, 1.0))
-    ae_profile /= np.linalg.norm(ae_profile)
-    vib_wave = np.einsum("mk,kmn->mn", vib_amp, harm)
-    ae_wave = np.einsum("k,kmn->mn", 0.25 * ae_profile, harm)
-
-    # Chatter of a worn tool at a frequency between spindle harmonics, growing past VB ~ 0.4.
-    f_ch = rng.choice([rng.uniform(31.0, 38.0), rng.uniform(45.0, 52.0)])
-    chatter_amp = 0.25 * np.clip((vb - 0.4) / 0.4, 0.0, 1.5) ** 1.5
-    chatter = chatter_amp[col] * np.sin(
-        2 * np.pi * f_ch * (1.0 + rng.normal(0.0, 0.01, m))[col] * t[None, :]
-        + rng.uniform(0.0, 2 * np.pi, m)[col]
-    )
-    # Impact of a worn edge on first contact, decaying within the entry ramp.
-    impact = np.where(engaged, np.exp(-since_entry / rng.uniform(0.6, 1.2, m)[col]), 0.0)
-    impact_gain = (0.3 + 2.5 * vb**2) * (1.6 if steel else 0.8)
-
-    def noise(sd: np.ndarray | float) -> np.ndarray:
-        return rng.standard_normal((m, n)) * sd
-
-    # smcDC: idle 1.37 V; the steady level follows the load with a slow 2-3 Hz ripple.
-    ripple = (0.03 * load)[col] * np.sin(
-        2 * np.pi * rng.uniform(2.0, 2.8, m)[col] * t[None, :] + rng.uniform(0, 2 * np.pi, m)[col]
-    )
-    dc_load = e * (load[col] * drift + ripple + (0.02 * load)[col] * harm[0])
-    smc_dc = 1.37 + dc_load + noise(0.02 + 0.006 * load[col] * e)
-
-    # smcAC: spindle motor current near 12-14 Hz, amplitude proportional to the DC current.
-    f_ac = rng.uniform(12.3, 13.9, m)[col] * (1.0 + 0.003 * np.sin(2 * np.pi * 0.05 * t[None, :]))
-    phi = 2 * np.pi * np.cumsum(f_ac, axis=1) / _FS_HZ + rng.uniform(0, 2 * np.pi, m)[col]
-    ac_amp = 0.48 + 0.354 * dc_load
-    smc_ac = (
-        -0.17
-        + ac_amp * (np.sin(phi) + 0.06 * np.sin(3 * phi + 1.0))
-        + noise(0.05 + 0.04 * ac_amp * (1.0 + vb[col]))
-    )
-
-    # vib_table: level falls with wear on cast iron and rises on steel, as in the real cases.
-    vib_base = (
-        (0.65 * d_rel**0.3 * f_rel**0.15 if steel else 1.0 * d_rel**0.6 * f_rel**0.25)
-        * rng.lognormal(0.0, 0.25)
-        * rng.lognormal(0.0, 0.12, m)
-    )
-    vib_level = vib_base * np.maximum(0.3, 1.0 + (0.5 if steel else -1.0) * vb)
-    vib_shape = vib_wave + noise(0.05 * (1.0 + vb[col]))
-    # Chatter rides on the unworn level: a blunt edge damps the forced vibration, not the chatter.
-    vib_table = (
-        0.07
-        + rng.uniform(0.0, 0.04)
-        + np.sqrt(e) * (vib_level[col] * (1.0 + vib_shape) + vib_base[col] * chatter)
-        + (impact * impact_gain[col] * vib_level[col])
-        + noise(0.005)
-    )
-    vib_table = np.abs(vib_table)  # the channel is rectified: never below zero
-
-    # vib_spindle: small rise over the 0.28 V idle, same excitation, spikes on worn-edge impacts;
-    # the sensor sits near the tool, so it hears chatter well.
-    spindle_rise = (
-        0.03
-        * d_rel**0.5
-        * f_rel**0.7
-        * rng.lognormal(0.0, 0.7)
-        * np.maximum(0.25, 1.0 - 1.2 * vb)
-        * rng.lognormal(0.0, 0.1, m)
-    )
-    vib_spindle = (
-        0.28
-        + e * (spindle_rise[col] * (1.0 + 1.3 * vib_shape) + 0.1 * chatter)
-        - e
-        * (0.02 * np.clip(vb / 0.6, 0.0, 1.0))[col]  # worn tools read below idle, as in the data
-        + impact**8 * (0.05 + 1.5 * vb**2 * (1.0 if steel else 0.4))[col]
-        + noise(0.011)
-    )
-
-    # AE: idle 0.1 V, a rise that grows with load and wear (quieter on steel), spiky and skewed.
-    ae_rise = (
-        (0.015 * (d_rel * f_rel) ** 1.3 if steel else 0.04 * d_rel**0.7 * f_rel**0.5)
-        * rng.lognormal(0.0, 0.15)
-        * rng.lognormal(0.0, 0.08, m)
-        * (1.0 + 3.0 * vb)
-    )
-    # Half-normal bursts, mean removed: AE is positive and right-skewed around its level.
-    bursts = (np.abs(noise(1.0)) - 0.8) * (0.25 + 0.15 * vb[col])
-    ae_common = e * ae_rise[col] * (1.0 + ae_wave + 0.5 * chatter + bursts)
-    ae_impact = impact * (impact_gain * ae_rise * 2.0)[col]
-    ae_table = 0.1 + ae_common + ae_impact + noise(0.008 + 0.1 * ae_rise[col] * e)
-    # The spindle AE sensor sees the same events a little louder and climbs over the pass.
-    climb = 1.0 + rng.uniform(0.0, 0.3, m)[col] * (idx / n)
-    ae_spindle = (
-        0.1
-        + rng.uniform(0.95, 1.3) * ae_common * climb
-        + 0.8 * ae_impact
-        + noise(0.008 + 0.12 * ae_rise[col] * e)
-    )
-
+    p = _Pass.of(seed, plan, n)
+    # The steps share one generator, so their order fixes every draw: reordering them changes
+    # all signals of every seed, which would call for a new SYNTHETIC_VERSION.
+    e = _engagement(p, plan)
+    drift = 1.0 + p.rng.normal(0.0, 0.03, p.m)[_COL] * (p.idx / n)  # slow heating over the pass
+    load = _cutting_load(p)
+    once_per_rev, vib_wave, ae_wave = _spindle_harmonics(p, load)
+    chatter = _chatter(p)
+    impact, impact_gain = _entry_impact(p, plan)
+    smc_dc, smc_ac = _motor_current(p, e, load, drift, once_per_rev)
+    vib_table, vib_spindle = _vibration(p, e, vib_wave, chatter, impact, impact_gain)
+    ae_table, ae_spindle = _acoustic_emission(p, e, ae_wave, chatter, impact, impact_gain)
     return {
         "smcAC": smc_ac,
         "smcDC": smc_dc,
@@ -335,6 +241,190 @@ def _signals(seed: int, plan: _CasePlan, n: int) -> dict[str, np.ndarray]:
         "AE_table": ae_table,
         "AE_spindle": ae_spindle,
     }
+
+
+def _engagement(p: _Pass, plan: _CasePlan) -> np.ndarray:
+    """(m, n) engagement in [0, 1]: how much of the cutter is in the workpiece."""
+    scale = p.n / _REF_SAMPLES
+    entry, ramp_in = plan.entry * scale, plan.ramp_in * scale
+    # Concave rise as the cutter arc fills, convex fall as it leaves at the exit.
+    s = np.clip((p.idx - entry[_COL]) / ramp_in[_COL], 0.0, 1.0)
+    e = 1.0 - (1.0 - s) ** 2
+    exit_ = np.where(np.isinf(plan.exit), 2.0 * p.n, plan.exit * scale)
+    u = np.clip((p.idx - exit_[_COL]) / (plan.ramp_out * scale)[_COL], 0.0, 1.0)
+    e *= (1.0 - u) ** 2
+    return e
+
+
+def _cutting_load(p: _Pass) -> np.ndarray:
+    """(m,) cutting load above idle, in smcDC volts: grows with DOC, feed, steel and flank wear."""
+    tool = p.rng.normal(1.0, 0.06)  # tools differ a little even when new
+    wear_gain = 2.1 * p.rng.uniform(0.8, 1.25)
+    return (
+        2.35
+        * p.d_rel**0.9
+        * p.f_rel**0.5
+        * (1.12 if p.steel else 1.0)
+        * tool
+        * p.rng.normal(1.0, 0.03, p.m)
+        * (1.0 + wear_gain * p.vb)
+    )
+
+
+def _spindle_harmonics(p: _Pass, load: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spindle harmonics: the (m, n) once-per-rev sine, vibration wave and AE wave.
+
+    Vibration and AE share the harmonics' phases: one excitation heard by several sensors.
+    """
+    # A heavier load slows the spindle slightly.
+    f_sp = _SPINDLE_HZ * (1.0 + p.rng.normal(0.0, 0.004, p.m)) * (1.0 - 0.002 * load)
+    phases = p.rng.uniform(0.0, 2 * np.pi, (p.m, _N_HARMONICS))
+    harm = np.stack(
+        [
+            np.sin(2 * np.pi * (k + 1) * f_sp[_COL] * p.t[None, :] + phases[:, k, None])
+            for k in range(_N_HARMONICS)
+        ]
+    )  # (K, m, n)
+    base_profile = p.rng.dirichlet(np.full(_N_HARMONICS, 1.5))
+    base_profile[5] += 0.4  # tooth passing: six inserts
+    base_profile /= np.linalg.norm(base_profile)
+    runout = np.zeros(_N_HARMONICS)
+    runout[:2] = (0.25, 0.12)  # one worn insert cuts more: once- and twice-per-rev components grow
+    vib_amp = 0.28 * base_profile[None, :] + p.vb[_COL] * runout[None, :]  # (m, K)
+    ae_profile = p.rng.dirichlet(np.full(_N_HARMONICS, 1.0))
+    ae_profile /= np.linalg.norm(ae_profile)
+    vib_wave = np.einsum("mk,kmn->mn", vib_amp, harm)
+    ae_wave = np.einsum("k,kmn->mn", 0.25 * ae_profile, harm)
+    return harm[0], vib_wave, ae_wave
+
+
+def _chatter(p: _Pass) -> np.ndarray:
+    """(m, n) chatter of a worn tool between spindle harmonics, growing past VB ~ 0.4."""
+    f_ch = p.rng.choice([p.rng.uniform(31.0, 38.0), p.rng.uniform(45.0, 52.0)])
+    amp = 0.25 * np.clip((p.vb - 0.4) / 0.4, 0.0, 1.5) ** 1.5
+    return amp[_COL] * np.sin(
+        2 * np.pi * f_ch * (1.0 + p.rng.normal(0.0, 0.01, p.m))[_COL] * p.t[None, :]
+        + p.rng.uniform(0.0, 2 * np.pi, p.m)[_COL]
+    )
+
+
+def _entry_impact(p: _Pass, plan: _CasePlan) -> tuple[np.ndarray, np.ndarray]:
+    """(m, n) impact of the edge on first contact, decaying within the entry ramp; (m,) gain.
+
+    The gain grows with wear: a worn edge hits harder, steel harder than cast iron.
+    """
+    entry = plan.entry * (p.n / _REF_SAMPLES)
+    since_entry = np.maximum(p.idx - entry[_COL], 0.0) / _FS_HZ  # seconds after first contact
+    engaged = p.idx >= entry[_COL]
+    impact = np.where(engaged, np.exp(-since_entry / p.rng.uniform(0.6, 1.2, p.m)[_COL]), 0.0)
+    gain = (0.3 + 2.5 * p.vb**2) * (1.6 if p.steel else 0.8)
+    return impact, gain
+
+
+def _motor_current(
+    p: _Pass, e: np.ndarray, load: np.ndarray, drift: np.ndarray, once_per_rev: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """smcDC and smcAC, the spindle motor's DC and AC current, (m, n) each."""
+    # smcDC: idle 1.37 V; the steady level follows the load with a slow 2-3 Hz ripple.
+    ripple = (0.03 * load)[_COL] * np.sin(
+        2 * np.pi * p.rng.uniform(2.0, 2.8, p.m)[_COL] * p.t[None, :]
+        + p.rng.uniform(0, 2 * np.pi, p.m)[_COL]
+    )
+    dc_load = e * (load[_COL] * drift + ripple + (0.02 * load)[_COL] * once_per_rev)
+    smc_dc = 1.37 + dc_load + p.noise(0.02 + 0.006 * load[_COL] * e)
+
+    # smcAC: a 12-14 Hz current whose amplitude follows the DC current, its frequency wandering.
+    f_ac = p.rng.uniform(12.3, 13.9, p.m)[_COL] * (
+        1.0 + 0.003 * np.sin(2 * np.pi * 0.05 * p.t[None, :])
+    )
+    phi = 2 * np.pi * np.cumsum(f_ac, axis=1) / _FS_HZ + p.rng.uniform(0, 2 * np.pi, p.m)[_COL]
+    ac_amp = 0.48 + 0.354 * dc_load
+    smc_ac = (
+        -0.17
+        + ac_amp * (np.sin(phi) + 0.06 * np.sin(3 * phi + 1.0))
+        + p.noise(0.05 + 0.04 * ac_amp * (1.0 + p.vb[_COL]))
+    )
+    return smc_dc, smc_ac
+
+
+def _vibration(
+    p: _Pass,
+    e: np.ndarray,
+    vib_wave: np.ndarray,
+    chatter: np.ndarray,
+    impact: np.ndarray,
+    impact_gain: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """vib_table and vib_spindle, (m, n) each: one forced vibration heard by two sensors."""
+    # vib_table: level falls with wear on cast iron and rises on steel, as in the real cases.
+    vib_base = (
+        (0.65 * p.d_rel**0.3 * p.f_rel**0.15 if p.steel else 1.0 * p.d_rel**0.6 * p.f_rel**0.25)
+        * p.rng.lognormal(0.0, 0.25)
+        * p.rng.lognormal(0.0, 0.12, p.m)
+    )
+    vib_level = vib_base * np.maximum(0.3, 1.0 + (0.5 if p.steel else -1.0) * p.vb)
+    vib_shape = vib_wave + p.noise(0.05 * (1.0 + p.vb[_COL]))
+    # Chatter rides on the unworn level: a blunt edge damps the forced vibration, not the chatter.
+    vib_table = (
+        0.07
+        + p.rng.uniform(0.0, 0.04)
+        + np.sqrt(e) * (vib_level[_COL] * (1.0 + vib_shape) + vib_base[_COL] * chatter)
+        + (impact * impact_gain[_COL] * vib_level[_COL])
+        + p.noise(0.005)
+    )
+    vib_table = np.abs(vib_table)  # the channel is rectified: never below zero
+
+    # vib_spindle: small rise over the 0.28 V idle, same excitation, spikes on worn-edge impacts;
+    # the sensor sits near the tool, so it hears chatter well.
+    spindle_rise = (
+        0.03
+        * p.d_rel**0.5
+        * p.f_rel**0.7
+        * p.rng.lognormal(0.0, 0.7)
+        * np.maximum(0.25, 1.0 - 1.2 * p.vb)
+        * p.rng.lognormal(0.0, 0.1, p.m)
+    )
+    vib_spindle = (
+        0.28
+        + e * (spindle_rise[_COL] * (1.0 + 1.3 * vib_shape) + 0.1 * chatter)
+        # Worn tools read below idle, as in the data.
+        - e * (0.02 * np.clip(p.vb / 0.6, 0.0, 1.0))[_COL]
+        + impact**8 * (0.05 + 1.5 * p.vb**2 * (1.0 if p.steel else 0.4))[_COL]
+        + p.noise(0.011)
+    )
+    return vib_table, vib_spindle
+
+
+def _acoustic_emission(
+    p: _Pass,
+    e: np.ndarray,
+    ae_wave: np.ndarray,
+    chatter: np.ndarray,
+    impact: np.ndarray,
+    impact_gain: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """AE_table and AE_spindle, (m, n) each: spiky, right-skewed rises over the 0.1 V idle."""
+    # The rise grows with load and wear, and is quieter on steel.
+    ae_rise = (
+        (0.015 * (p.d_rel * p.f_rel) ** 1.3 if p.steel else 0.04 * p.d_rel**0.7 * p.f_rel**0.5)
+        * p.rng.lognormal(0.0, 0.15)
+        * p.rng.lognormal(0.0, 0.08, p.m)
+        * (1.0 + 3.0 * p.vb)
+    )
+    # Half-normal bursts, mean removed: AE is positive and right-skewed around its level.
+    bursts = (np.abs(p.noise(1.0)) - 0.8) * (0.25 + 0.15 * p.vb[_COL])
+    ae_common = e * ae_rise[_COL] * (1.0 + ae_wave + 0.5 * chatter + bursts)
+    ae_impact = impact * (impact_gain * ae_rise * 2.0)[_COL]
+    ae_table = 0.1 + ae_common + ae_impact + p.noise(0.008 + 0.1 * ae_rise[_COL] * e)
+    # The spindle AE sensor sees the same events a little louder and climbs over the pass.
+    climb = 1.0 + p.rng.uniform(0.0, 0.3, p.m)[_COL] * (p.idx / p.n)
+    ae_spindle = (
+        0.1
+        + p.rng.uniform(0.95, 1.3) * ae_common * climb
+        + 0.8 * ae_impact
+        + p.noise(0.008 + 0.12 * ae_rise[_COL] * e)
+    )
+    return ae_table, ae_spindle
 
 
 def _adc(name: str, x: np.ndarray) -> np.ndarray:

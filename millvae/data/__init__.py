@@ -1,0 +1,1 @@
+"""Preparing the milling data: sources, the MATLAB file, the simulator, regions, windows."""
