@@ -17,7 +17,8 @@ from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PREP_PARAMS, make_config
 from millvae.data.prepare import prepare
 from millvae.detect.baselines import iforest_scores, pca_scores
-from millvae.detect.evaluate import add_condition_scores, evaluate_run, write_outputs
+from millvae.detect.evaluate import add_condition_scores, evaluate_run
+from millvae.detect.report import write_outputs
 from millvae.errors import ArgParser, MillvaeError
 
 BASELINE_SCORES = ("pca", "iforest", "pca_cond", "iforest_cond")

@@ -9,11 +9,13 @@ never switches the backend of a user's interactive session (every file is drawn 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cbook import violin_stats
 from matplotlib.collections import PolyCollection
@@ -164,20 +166,15 @@ def _finite_pair(y_true, scores, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pr_roc_curves(
-    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path, title: str = ""
+    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    path: str | Path,
+    title: str = "",
 ) -> Path:
     """Precision-recall (left) and ROC (right) curves, a row per split and a line per score.
 
     `curves[split][score] = (y_true, scores)`; NaN scores are dropped. The PR panel shows the
     no-skill line at the positive rate and AP in the legend; the ROC panel the diagonal and ROC-AUC.
     """
-    from sklearn.metrics import (
-        average_precision_score,
-        precision_recall_curve,
-        roc_auc_score,
-        roc_curve,
-    )
-
     splits = sorted((s for s in curves if curves[s]), key=_split_key)
     if not splits:
         return _empty(path, title, "no scores to draw")
@@ -188,47 +185,78 @@ def pr_roc_curves(
         fig = _new_figure(10, 0.5 + 4.6 * len(splits))
         axes = fig.subplots(len(splits), 2, squeeze=False)
         _margins(fig, top=0.75 if title else 0.35, hgap=0.85, nrows=len(splits), ncols=2)
-        for row, split in enumerate(splits):
-            ax_pr, ax_roc = axes[row]
-            n_all = pos_all = 0
-            for name, (y_true, scores) in curves[split].items():
-                y, s = _finite_pair(y_true, scores, f"pr_roc_curves[{split!r}][{name!r}]")
-                n_all, pos_all = max(n_all, y.size), max(pos_all, int(y.sum()))
-                if y.size == 0 or y.all() or not y.any():
-                    # one class only: AP and ROC-AUC are undefined, say so in the legend
-                    ax_pr.plot([], [], label=f"{name}: undefined (one class)", **styles[name])
-                    ax_roc.plot([], [], label=f"{name}: undefined (one class)", **styles[name])
-                    continue
-                prec, rec, _ = precision_recall_curve(y, s)
-                ap = average_precision_score(y, s)
-                ax_pr.step(
-                    rec, prec, where="post", lw=1.6, label=f"{name}  AP {ap:.3f}", **styles[name]
-                )
-                fpr, tpr, _ = roc_curve(y, s)
-                auc = roc_auc_score(y, s)
-                ax_roc.plot(fpr, tpr, lw=1.6, label=f"{name}  AUC {auc:.3f}", **styles[name])
-            rate = pos_all / n_all if n_all else float("nan")
-            if np.isfinite(rate) and rate > 0:
-                ax_pr.axhline(rate, color="0.5", lw=1, ls=":", label=f"no skill {rate:.3f}")
-            ax_roc.plot([0, 1], [0, 1], color="0.5", lw=1, ls=":", label="no skill 0.5")
-            counts = f"{n_all} windows, {pos_all} positive"
-            ax_pr.set_title(f"{split} · precision-recall ({counts})")
-            ax_roc.set_title(f"{split} · ROC ({counts})")
-            ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-            ax_roc.set(
-                xlabel="false positive rate",
-                ylabel="true positive rate",
-                xlim=(0, 1),
-                ylim=(0, 1.02),
-            )
-            for ax in (ax_pr, ax_roc):
-                ax.grid(alpha=0.3)
-            # PR curves wander anywhere; ROC curves leave the lower right free
-            ax_pr.legend(loc="best", framealpha=0.85)
-            ax_roc.legend(loc="lower right", framealpha=0.85)
+        for (ax_pr, ax_roc), split in zip(axes, splits, strict=True):
+            _pr_roc_row(ax_pr, ax_roc, split, curves[split], styles)
         if title:
             _title(fig, title)
         return _save(fig, path)
+
+
+def _pr_roc_row(
+    ax_pr: Axes,
+    ax_roc: Axes,
+    split: str,
+    by_score: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    styles: Mapping[str, dict],
+) -> None:
+    """One split's PR and ROC panels: the score curves, the no-skill lines, titles and legends."""
+    n_all, pos_all = _score_curves(ax_pr, ax_roc, split, by_score, styles)
+    rate = pos_all / n_all if n_all else float("nan")
+    if np.isfinite(rate) and rate > 0:
+        ax_pr.axhline(rate, color="0.5", lw=1, ls=":", label=f"no skill {rate:.3f}")
+    ax_roc.plot([0, 1], [0, 1], color="0.5", lw=1, ls=":", label="no skill 0.5")
+    counts = f"{n_all} windows, {pos_all} positive"
+    ax_pr.set_title(f"{split} · precision-recall ({counts})")
+    ax_roc.set_title(f"{split} · ROC ({counts})")
+    ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax_roc.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    for ax in (ax_pr, ax_roc):
+        ax.grid(alpha=0.3)
+    # PR curves wander anywhere; ROC curves leave the lower right free
+    ax_pr.legend(loc="best", framealpha=0.85)
+    ax_roc.legend(loc="lower right", framealpha=0.85)
+
+
+def _score_curves(
+    ax_pr: Axes,
+    ax_roc: Axes,
+    split: str,
+    by_score: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    styles: Mapping[str, dict],
+) -> tuple[int, int]:
+    """A PR and a ROC curve per score, AP and ROC-AUC in their labels.
+
+    Returns the most windows and positives any score kept: NaNs are dropped per score, and the
+    panel titles and the no-skill rate report the fullest count.
+    """
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
+
+    n_all = pos_all = 0
+    for name, (y_true, scores) in by_score.items():
+        y, s = _finite_pair(y_true, scores, f"pr_roc_curves[{split!r}][{name!r}]")
+        n_all, pos_all = max(n_all, y.size), max(pos_all, int(y.sum()))
+        if y.size == 0 or y.all() or not y.any():
+            # one class only: AP and ROC-AUC are undefined, say so in the legend
+            ax_pr.plot([], [], label=f"{name}: undefined (one class)", **styles[name])
+            ax_roc.plot([], [], label=f"{name}: undefined (one class)", **styles[name])
+            continue
+        prec, rec, _ = precision_recall_curve(y, s)
+        ap = average_precision_score(y, s)
+        ax_pr.step(rec, prec, where="post", lw=1.6, label=f"{name}  AP {ap:.3f}", **styles[name])
+        fpr, tpr, _ = roc_curve(y, s)
+        auc = roc_auc_score(y, s)
+        ax_roc.plot(fpr, tpr, lw=1.6, label=f"{name}  AUC {auc:.3f}", **styles[name])
+    return n_all, pos_all
 
 
 def _use_log(values: np.ndarray) -> bool:
@@ -275,7 +303,7 @@ def score_distributions(
     scores: pd.DataFrame,
     tool_class: np.ndarray,
     thresholds: Mapping[str, float],
-    path,
+    path: str | Path,
     title: str = "",
 ) -> Path:
     """A violin per tool class (healthy/degraded/failed) for each score column, with its threshold.
@@ -311,37 +339,41 @@ def score_distributions(
         for ax in axes[len(cols) :]:
             ax.axis("off")
         for ax, name in zip(axes, cols, strict=False):
-            v = scores[name].to_numpy(dtype=float)
-            keep = np.isfinite(v)
-            groups = [v[keep & (tc == k)] for k in range(len(CLASS_NAMES))]
-            log = _use_log(v[keep])
-            if log:
-                _log_y(ax)
-            _violin(ax, groups, [0, 1, 2], CLASS_COLORS, log)
-            thr = thresholds.get(name)
-            if thr is not None and np.isfinite(thr) and (thr > 0 or not log):
-                ax.axhline(thr, color="0.1", lw=1.2, ls="--", label=f"threshold {thr:.3g}")
-                ax.legend(loc="upper left", framealpha=0.85)
-            ax.set_xticks(
-                [0, 1, 2], [f"{c}\nn={g.size}" for c, g in zip(CLASS_NAMES, groups, strict=True)]
-            )
-            for tick, color in zip(ax.get_xticklabels(), CLASS_COLORS, strict=True):
-                tick.set_color(color)
-            ax.set_xlim(-0.6, 2.6)
-            dropped = int((~keep).sum())
-            ax.set_title(name + (f"  ({dropped} NaN dropped)" if dropped else ""))
-            ax.set_ylabel(f"{name} score" + (" (log)" if log else ""))
-            ax.grid(axis="y", alpha=0.3)
+            _score_panel(ax, name, scores[name].to_numpy(dtype=float), tc, thresholds.get(name))
         if title:
             _title(fig, title)
         return _save(fig, path)
+
+
+def _score_panel(
+    ax: Axes, name: str, values: np.ndarray, tool_class: np.ndarray, threshold: float | None
+) -> None:
+    """One score's panel: a violin per tool class, its threshold, and how many NaNs were dropped."""
+    keep = np.isfinite(values)
+    groups = [values[keep & (tool_class == k)] for k in range(len(CLASS_NAMES))]
+    log = _use_log(values[keep])
+    if log:
+        _log_y(ax)
+    _violin(ax, groups, [0, 1, 2], CLASS_COLORS, log)
+    # a threshold at or below zero has no place on a log axis
+    if threshold is not None and np.isfinite(threshold) and (threshold > 0 or not log):
+        ax.axhline(threshold, color="0.1", lw=1.2, ls="--", label=f"threshold {threshold:.3g}")
+        ax.legend(loc="upper left", framealpha=0.85)
+    ax.set_xticks([0, 1, 2], [f"{c}\nn={g.size}" for c, g in zip(CLASS_NAMES, groups, strict=True)])
+    for tick, color in zip(ax.get_xticklabels(), CLASS_COLORS, strict=True):
+        tick.set_color(color)
+    ax.set_xlim(-0.6, 2.6)
+    dropped = int((~keep).sum())
+    ax.set_title(name + (f"  ({dropped} NaN dropped)" if dropped else ""))
+    ax.set_ylabel(f"{name} score" + (" (log)" if log else ""))
+    ax.grid(axis="y", alpha=0.3)
 
 
 def case_trends(
     windows: pd.DataFrame,
     score: np.ndarray,
     threshold: float | None,
-    path,
+    path: str | Path,
     score_name: str = "",
     title: str = "",
 ) -> Path:
@@ -349,6 +381,67 @@ def case_trends(
 
     `windows` needs columns case, cut_no, run, tool_class, split, one row per entry of `score`.
     """
+    df = _trend_rows(windows, score)
+    if df.empty:
+        return _empty(path, title, "no finite scores to draw")
+    label = score_name or "score"
+    threshold = float("nan") if threshold is None else float(threshold)
+    log = _use_log(df["score"].to_numpy())
+    cases = sorted(df["case"].unique())
+    ncols = min(len(cases), 4)
+    nrows = -(-len(cases) // ncols)
+    markers = _split_markers(df)
+    rng = np.random.default_rng(0)  # jitter only; fixed so the same run draws the same picture
+
+    with matplotlib.rc_context(_RC):
+        fig, axes = _trend_figure(nrows, ncols)
+        per_cut = _cut_means(df)
+        by_case = dict(tuple(df.groupby("case", sort=False)))
+        for r, ax in enumerate(axes):
+            row = cases[r * ncols : (r + 1) * ncols]
+            # the jitter draws come case by case, row by row: the same order gives the same picture
+            panels = [
+                _case_panel(ax, k, case, by_case[case], per_cut[per_cut["case"] == case], rng)
+                for k, case in enumerate(row)
+            ]
+            _case_row(ax, panels, markers, threshold=threshold, log=log)
+            ax.set_ylabel(label + (" (log)" if log else ""))
+            if len(row) < ncols:
+                # a short last row keeps the panel width of the rows above
+                box = ax.get_position()
+                ax.set_position([box.x0, box.y0, box.width * len(row) / ncols, box.height])
+        if log:
+            _log_y(axes[0])
+        axes[-1].set_xlabel("run (cut order)")
+        handles = _trend_legend(markers, threshold)
+        # a narrow figure (one or two cases) wraps the legend instead of clipping it
+        _bottom_legend(fig, handles, min(len(handles), 2 + 2 * ncols))
+        _title(fig, title or f"{label} per cut, by case")
+        return _save(fig, path)
+
+
+def _trend_figure(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
+    """The case_trends figure for `nrows` rows of up to `ncols` cases, with room for the legend."""
+    fig = _new_figure(max(3.4 * ncols, 5.5), 0.9 + 2.5 * nrows)
+    # One axes per row of cases, each case a unit-wide panel inside it: a figure of 16
+    # separate axes spent most of its time building and drawing their ticks (1.5 s of a
+    # search trial, real data); four axes show the same at a third of the cost.
+    axes = fig.subplots(nrows, 1, squeeze=False, sharey=True)[:, 0]
+    legend_rows = 1 if ncols >= 3 else 2
+    _margins(
+        fig,
+        left=0.8,
+        top=0.6,
+        bottom=0.55 + 0.22 * legend_rows,
+        hgap=0.75,
+        nrows=nrows,
+        ncols=1,
+    )
+    return fig, axes
+
+
+def _trend_rows(windows: pd.DataFrame, score: np.ndarray) -> pd.DataFrame:
+    """The window columns case_trends draws, with the score; rows of a non-finite score dropped."""
     need = ("case", "cut_no", "run", "tool_class", "split")
     missing = [c for c in need if c not in windows.columns]
     if missing:
@@ -361,188 +454,178 @@ def case_trends(
         )
     df = windows.loc[:, list(need)].reset_index(drop=True)
     df["score"] = s
-    df = df[np.isfinite(s)]
-    if df.empty:
-        return _empty(path, title, "no finite scores to draw")
-    label = score_name or "score"
-    threshold = float("nan") if threshold is None else float(threshold)
-    log = _use_log(df["score"].to_numpy())
-    cases = sorted(df["case"].unique())
-    ncols = min(len(cases), 4)
-    nrows = -(-len(cases) // ncols)
+    return df[np.isfinite(s)]
+
+
+def _split_markers(df: pd.DataFrame) -> dict[str, str]:
+    """A window marker per split, in split order."""
     # with several splits in the picture (split=cut or window) the marker tells them apart
     all_splits = sorted(df["split"].unique(), key=_split_key)
     shapes = {"train": "s", "val": "o", "test": "^"}
-    split_markers = {
-        sp: shapes.get(str(sp), "D") if len(all_splits) > 1 else "o" for sp in all_splits
-    }
-    rng = np.random.default_rng(0)  # jitter only; fixed so the same run draws the same picture
+    return {sp: shapes.get(str(sp), "D") if len(all_splits) > 1 else "o" for sp in all_splits}
 
-    with matplotlib.rc_context(_RC):
-        fig = _new_figure(max(3.4 * ncols, 5.5), 0.9 + 2.5 * nrows)
-        # One axes per row of cases, each case a unit-wide panel inside it: a figure of 16
-        # separate axes spent most of its time building and drawing their ticks (1.5 s of a
-        # search trial, real data); four axes show the same at a third of the cost.
-        axes = fig.subplots(nrows, 1, squeeze=False, sharey=True)[:, 0]
-        legend_rows = 1 if ncols >= 3 else 2
-        _margins(
-            fig,
-            left=0.8,
-            top=0.6,
-            bottom=0.55 + 0.22 * legend_rows,
-            hgap=0.75,
-            nrows=nrows,
-            ncols=1,
+
+def _cut_means(df: pd.DataFrame) -> pd.DataFrame:
+    """A row per cut, by case and run: its case, run, tool class and mean score."""
+    # one grouping for all panels (a groupby per panel was a tenth of this figure's time)
+    return (
+        df.groupby("cut_no", sort=False)
+        .agg(
+            case=("case", "first"),
+            run=("run", "first"),
+            tool_class=("tool_class", "first"),
+            mean=("score", "mean"),
         )
-        # one grouping for all panels (a groupby per panel was a tenth of this figure's time)
-        per_cut = (
-            df.groupby("cut_no", sort=False)
-            .agg(
-                case=("case", "first"),
-                run=("run", "first"),
-                tool_class=("tool_class", "first"),
-                mean=("score", "mean"),
+        .sort_values(["case", "run"])
+    )
+
+
+@dataclass
+class _CasePanel:
+    """What one case adds to its row of case_trends, gathered so the row draws each kind once."""
+
+    spans: list[list[tuple[float, float]]]  # a class band per cut
+    band_colors: list[str]
+    x: np.ndarray  # the windows: jittered position, score, split
+    y: np.ndarray
+    split: np.ndarray
+    mean_x: list[float]  # the cut means, NaN-terminated
+    mean_y: list[float]
+    ticks: list[float]
+    tick_labels: list[str]
+
+
+def _case_panel(
+    ax: Axes,
+    k: int,
+    case,
+    part: pd.DataFrame,
+    cuts: pd.DataFrame,
+    rng: np.random.Generator,
+) -> _CasePanel:
+    """Place one case's cuts and windows in panel [k, k + 1) of `ax` and write its header."""
+    n = len(cuts)
+    # cut i of the case's panel [k, k + 1): centred in its slot, a margin each side
+    slot = (1.0 - 2 * _PANEL_MARGIN) / n
+    centre = k + _PANEL_MARGIN + slot * (np.arange(n) + 0.5)
+    pos = dict(zip(cuts.index, centre, strict=True))
+    runs = cuts["run"].to_numpy()
+    every = max(1, int(np.ceil(n / 6)))
+    splits = sorted(part["split"].unique(), key=_split_key)
+    ax.annotate(
+        f"case {int(case)} · {'/'.join(map(str, splits))} · {n} cut{'s' * (n != 1)}",
+        xy=(k + 0.5, 1.0),
+        xycoords=ax.get_xaxis_transform(),
+        xytext=(0, 4),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=_RC["axes.titlesize"],
+    )
+    return _CasePanel(
+        spans=[
+            [(c - slot / 2, 0), (c - slot / 2, 1), (c + slot / 2, 1), (c + slot / 2, 0)]
+            for c in centre
+        ],
+        band_colors=[CLASS_COLORS[int(c)] for c in cuts["tool_class"]],
+        x=part["cut_no"].map(pos).to_numpy(dtype=float)
+        + rng.uniform(-0.22, 0.22, len(part)) * slot,
+        y=part["score"].to_numpy(),
+        split=part["split"].to_numpy(),
+        # NaN between cases breaks the line of cut means: one artist for the row
+        mean_x=[*centre, np.nan],
+        mean_y=[*cuts["mean"], np.nan],
+        ticks=list(centre[::every]),
+        tick_labels=[str(int(v)) for v in runs[::every]],
+    )
+
+
+def _case_row(
+    ax: Axes,
+    panels: list[_CasePanel],
+    markers: Mapping[str, str],
+    *,
+    threshold: float,
+    log: bool,
+) -> None:
+    """Draw a row of case panels on one axes: class bands, windows, cut means and threshold."""
+    # the class bands as one collection (x in data, y spanning the axes)
+    ax.add_collection(
+        PolyCollection(
+            [span for p in panels for span in p.spans],
+            facecolors=[c for p in panels for c in p.band_colors],
+            alpha=0.16,
+            linewidths=0,
+            transform=ax.get_xaxis_transform(),
+        ),
+        autolim=False,
+    )
+    x = np.concatenate([p.x for p in panels])
+    y = np.concatenate([p.y for p in panels])
+    split = np.concatenate([p.split for p in panels])
+    for sp, marker in markers.items():
+        m = split == sp
+        # markers of a Line2D: Agg stamps one rendered marker, where a scatter
+        # collection draws each point as a path (same look: scatter's s=8 is ms 8**0.5)
+        ax.plot(x[m], y[m], ls="", marker=marker, ms=8**0.5, mew=0, color="0.25", alpha=0.35)
+    mean_x = [v for p in panels for v in p.mean_x]
+    mean_y = [v for p in panels for v in p.mean_y]
+    ax.plot(mean_x, mean_y, color="#1f3b73", lw=1.4, marker="o", ms=3)
+    # a threshold at or below zero has no place on a log axis
+    if np.isfinite(threshold) and (threshold > 0 or not log):
+        ax.axhline(threshold, color="0.1", lw=1.1, ls="--")
+    for k in range(1, len(panels)):
+        ax.axvline(k, color="0.55", lw=0.9)
+    ax.set_xticks([t for p in panels for t in p.ticks], [s for p in panels for s in p.tick_labels])
+    ax.set_xlim(0, len(panels))
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _trend_legend(markers: Mapping[str, str], threshold: float) -> list:
+    """Legend handles of case_trends: the tool classes, the window markers, cut mean, threshold."""
+    handles = [
+        Patch(color=c, alpha=0.35, label=n) for n, c in zip(CLASS_NAMES, CLASS_COLORS, strict=True)
+    ]
+    handles += [
+        *[
+            Line2D(
+                [],
+                [],
+                color="0.25",
+                marker=mk,
+                ls="",
+                ms=4,
+                alpha=0.6,
+                label=f"{sp} window" if len(markers) > 1 else "window",
             )
-            .sort_values(["case", "run"])
-        )
-        by_case = dict(tuple(df.groupby("case", sort=False)))
-        for r, ax in enumerate(axes):
-            row = cases[r * ncols : (r + 1) * ncols]
-            spans, band_colors, xs, ys, sps = [], [], [], [], []
-            mean_x, mean_y, ticks, tick_labels = [], [], [], []
-            for k, case in enumerate(row):
-                part, cuts = by_case[case], per_cut[per_cut["case"] == case]
-                n = len(cuts)
-                # cut i of the case's panel [k, k + 1): centred in its slot, a margin each side
-                slot = (1.0 - 2 * _PANEL_MARGIN) / n
-                centre = k + _PANEL_MARGIN + slot * (np.arange(n) + 0.5)
-                pos = dict(zip(cuts.index, centre, strict=True))
-                spans += [
-                    [(c - slot / 2, 0), (c - slot / 2, 1), (c + slot / 2, 1), (c + slot / 2, 0)]
-                    for c in centre
-                ]
-                band_colors += [CLASS_COLORS[int(c)] for c in cuts["tool_class"]]
-                xs.append(
-                    part["cut_no"].map(pos).to_numpy(dtype=float)
-                    + rng.uniform(-0.22, 0.22, len(part)) * slot
-                )
-                ys.append(part["score"].to_numpy())
-                sps.append(part["split"].to_numpy())
-                # NaN between cases breaks the line of cut means: one artist for the row
-                mean_x += [*centre, np.nan]
-                mean_y += [*cuts["mean"], np.nan]
-                runs = cuts["run"].to_numpy()
-                every = max(1, int(np.ceil(n / 6)))
-                ticks += list(centre[::every])
-                tick_labels += [str(int(v)) for v in runs[::every]]
-                splits = sorted(part["split"].unique(), key=_split_key)
-                ax.annotate(
-                    f"case {int(case)} · {'/'.join(map(str, splits))} · {n} cut{'s' * (n != 1)}",
-                    xy=(k + 0.5, 1.0),
-                    xycoords=ax.get_xaxis_transform(),
-                    xytext=(0, 4),
-                    textcoords="offset points",
-                    ha="center",
-                    va="bottom",
-                    fontsize=_RC["axes.titlesize"],
-                )
-            # the class bands as one collection (x in data, y spanning the axes)
-            ax.add_collection(
-                PolyCollection(
-                    spans,
-                    facecolors=band_colors,
-                    alpha=0.16,
-                    linewidths=0,
-                    transform=ax.get_xaxis_transform(),
-                ),
-                autolim=False,
-            )
-            x, y, split = np.concatenate(xs), np.concatenate(ys), np.concatenate(sps)
-            for sp, marker in split_markers.items():
-                m = split == sp
-                # markers of a Line2D: Agg stamps one rendered marker, where a scatter
-                # collection draws each point as a path (same look: scatter's s=8 is ms 8**0.5)
-                ax.plot(
-                    x[m], y[m], ls="", marker=marker, ms=8**0.5, mew=0, color="0.25", alpha=0.35
-                )
-            ax.plot(mean_x, mean_y, color="#1f3b73", lw=1.4, marker="o", ms=3)
-            if np.isfinite(threshold) and (threshold > 0 or not log):
-                ax.axhline(threshold, color="0.1", lw=1.1, ls="--")
-            for k in range(1, len(row)):
-                ax.axvline(k, color="0.55", lw=0.9)
-            ax.set_xticks(ticks, tick_labels)
-            ax.set_xlim(0, len(row))
-            ax.set_ylabel(label + (" (log)" if log else ""))
-            ax.grid(axis="y", alpha=0.3)
-            if len(row) < ncols:
-                # a short last row keeps the panel width of the rows above
-                box = ax.get_position()
-                ax.set_position([box.x0, box.y0, box.width * len(row) / ncols, box.height])
-        if log:
-            _log_y(axes[0])
-        axes[-1].set_xlabel("run (cut order)")
-        handles = [
-            Patch(color=c, alpha=0.35, label=n)
-            for n, c in zip(CLASS_NAMES, CLASS_COLORS, strict=True)
-        ]
-        handles += [
-            *[
-                Line2D(
-                    [],
-                    [],
-                    color="0.25",
-                    marker=mk,
-                    ls="",
-                    ms=4,
-                    alpha=0.6,
-                    label=f"{sp} window" if len(split_markers) > 1 else "window",
-                )
-                for sp, mk in split_markers.items()
-            ],
-            Line2D([], [], color="#1f3b73", marker="o", ms=3, lw=1.4, label="cut mean"),
-        ]
-        if np.isfinite(threshold):
-            handles.append(Line2D([], [], color="0.1", ls="--", label=f"threshold {threshold:.3g}"))
-        # a narrow figure (one or two cases) wraps the legend instead of clipping it
-        per_row = min(len(handles), 2 + 2 * ncols)
-        _bottom_legend(fig, handles, per_row)
-        _title(fig, title or f"{label} per cut, by case")
-        return _save(fig, path)
+            for sp, mk in markers.items()
+        ],
+        Line2D([], [], color="#1f3b73", marker="o", ms=3, lw=1.4, label="cut mean"),
+    ]
+    if np.isfinite(threshold):
+        handles.append(Line2D([], [], color="0.1", ls="--", label=f"threshold {threshold:.3g}"))
+    return handles
 
 
 def reconstruction_examples(
     examples: Mapping[str, tuple[np.ndarray, np.ndarray]],
     signal_names: Sequence[str],
-    path,
+    path: str | Path,
     title: str = "",
 ) -> Path:
     """Input vs reconstruction of a window per class: a column per example with its signals
     stacked, and below them the mean squared error per signal, a bar per class.
     """
     names = [str(n) for n in signal_names]
-    order = [k for k in CLASS_NAMES if k in examples] + [
-        k for k in examples if k not in CLASS_NAMES
-    ]
-    if not order:
+    pairs = _example_pairs(examples, names)
+    if not pairs:
         return _empty(path, title, "no example windows to draw")
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key in order:
-        win, rec = (np.asarray(a, dtype=float) for a in examples[key])
-        # a single window may come with its batch axis
-        win = win[0] if win.ndim == 3 and win.shape[0] == 1 else win
-        rec = rec[0] if rec.ndim == 3 and rec.shape[0] == 1 else rec
-        if win.ndim != 2 or win.shape != rec.shape or win.shape[1] != len(names):
-            raise MillvaeError(
-                f"reconstruction_examples[{key!r}]: expected window and reconstruction of shape "
-                f"[window, {len(names)}]; got {win.shape} and {rec.shape}"
-            )
-        pairs[key] = (win, rec)
     errors = {k: np.mean((w - r) ** 2, axis=0) for k, (w, r) in pairs.items()}
     colors = {
-        k: CLASS_COLORS[CLASS_NAMES.index(k)] if k in CLASS_NAMES else "#1f77b4" for k in order
+        k: CLASS_COLORS[CLASS_NAMES.index(k)] if k in CLASS_NAMES else "#1f77b4" for k in pairs
     }
 
-    nsig, ncol = len(names), len(order)
+    nsig, ncol = len(names), len(pairs)
     # the traces of a window's signals stacked in one panel, this far apart (scaled values
     # lie in about [0, 1]); a panel per signal and class made 18 axes, whose ticks and frames
     # were most of the figure's 1.1-1.7 s in a search trial
@@ -563,65 +646,106 @@ def reconstruction_examples(
         grid = fig.add_gridspec(2, ncol, height_ratios=[1.2 * nsig, 1.6])
         traces = [fig.add_subplot(grid[0, 0])]
         traces += [fig.add_subplot(grid[0, j], sharey=traces[0]) for j in range(1, ncol)]
-        bar = fig.add_subplot(grid[1, :])
-        for j, key in enumerate(order):
-            win, rec = pairs[key]
-            ax, t = traces[j], np.arange(win.shape[0])
-            # NaN rows separate the signals: one line for all inputs, one for all reconstructions
-            sep = np.full((1, nsig), np.nan)
-            tt = np.tile(np.append(t, t[-1]), nsig)
-            ax.plot(tt, np.vstack([win + offsets, sep]).T.ravel(), color="0.15", lw=1.1)
-            ax.plot(tt, np.vstack([rec + offsets, sep]).T.ravel(), color=colors[key], lw=1.4)
-            for i in range(nsig):
-                ax.text(
-                    t[-1],
-                    offsets[i] + 1.02,
-                    f"sq. error {errors[key][i]:.2e}",
-                    ha="right",
-                    va="bottom",
-                    fontsize=7.5,
-                    color="0.3",
-                )
-            ax.set_title(
-                f"{key}  (mse {errors[key].mean():.2e})",
-                fontsize=10.5,
-                fontweight="bold",
-                color=colors[key],
-                pad=8,
-            )
-            ax.set_xlim(t[0], t[-1])
-            ax.set_xlabel("sample in window")
-            ax.grid(axis="x", alpha=0.3)
-            ax.spines["left"].set_visible(False)
-            ax.tick_params(axis="y", length=0, labelleft=j == 0)
+        for j, (ax, (key, (win, rec))) in enumerate(zip(traces, pairs.items(), strict=True)):
+            _example_panel(ax, key, win, rec, errors[key], colors[key], offsets, first=j == 0)
         traces[0].set_yticks(offsets + 0.5, names)
         traces[0].set_ylim(-0.25, offsets[0] + 1.3)
-        width = min(0.8 / ncol, 0.27)  # one or two classes: bars of the usual width
-        for j, key in enumerate(order):
-            pos = np.arange(nsig) + (j - (ncol - 1) / 2) * width
-            bar.bar(pos, errors[key], width=width, color=colors[key], alpha=0.8)
-        bar.set_xticks(np.arange(nsig), names)
-        bar.set_xlim(-0.6, nsig - 0.4)
-        bar.set_title("mean squared error per signal", fontsize=9)
-        bar.set_ylabel("sq. error")
-        bar.grid(axis="y", alpha=0.3)
+        _error_bars(fig.add_subplot(grid[1, :]), errors, colors, names)
         _bottom_legend(
             fig,
             [
                 Line2D([], [], color="0.15", lw=1.1, label="input"),
                 *[
                     Line2D([], [], color=colors[k], lw=1.4, label=f"reconstruction ({k})")
-                    for k in order
+                    for k in pairs
                 ],
             ],
-            len(order) + 1,
+            ncol + 1,
         )
         if title:
             _title(fig, title)
         return _save(fig, path)
 
 
-def loss_curves(history: pd.DataFrame, best_epoch: int, path) -> Path:
+def _example_pairs(
+    examples: Mapping[str, tuple[np.ndarray, np.ndarray]], names: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each example as a [window, signal] input and reconstruction, the tool classes first in
+    healthy/degraded/failed order, then any other key as given."""
+    order = [k for k in CLASS_NAMES if k in examples] + [
+        k for k in examples if k not in CLASS_NAMES
+    ]
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in order:
+        win, rec = (np.asarray(a, dtype=float) for a in examples[key])
+        # a single window may come with its batch axis
+        win = win[0] if win.ndim == 3 and win.shape[0] == 1 else win
+        rec = rec[0] if rec.ndim == 3 and rec.shape[0] == 1 else rec
+        if win.ndim != 2 or win.shape != rec.shape or win.shape[1] != len(names):
+            raise MillvaeError(
+                f"reconstruction_examples[{key!r}]: expected window and reconstruction of shape "
+                f"[window, {len(names)}]; got {win.shape} and {rec.shape}"
+            )
+        pairs[key] = (win, rec)
+    return pairs
+
+
+def _example_panel(
+    ax: Axes,
+    key: str,
+    win: np.ndarray,
+    rec: np.ndarray,
+    error: np.ndarray,
+    color: str,
+    offsets: np.ndarray,
+    *,
+    first: bool,
+) -> None:
+    """One example's column: its signals' input and reconstruction stacked at `offsets`, each
+    with its squared error; only the first column labels the shared y axis."""
+    nsig, t = len(offsets), np.arange(win.shape[0])
+    # NaN rows separate the signals: one line for all inputs, one for all reconstructions
+    sep = np.full((1, nsig), np.nan)
+    tt = np.tile(np.append(t, t[-1]), nsig)
+    ax.plot(tt, np.vstack([win + offsets, sep]).T.ravel(), color="0.15", lw=1.1)
+    ax.plot(tt, np.vstack([rec + offsets, sep]).T.ravel(), color=color, lw=1.4)
+    for i in range(nsig):
+        ax.text(
+            t[-1],
+            offsets[i] + 1.02,
+            f"sq. error {error[i]:.2e}",
+            ha="right",
+            va="bottom",
+            fontsize=7.5,
+            color="0.3",
+        )
+    ax.set_title(
+        f"{key}  (mse {error.mean():.2e})", fontsize=10.5, fontweight="bold", color=color, pad=8
+    )
+    ax.set_xlim(t[0], t[-1])
+    ax.set_xlabel("sample in window")
+    ax.grid(axis="x", alpha=0.3)
+    ax.spines["left"].set_visible(False)
+    ax.tick_params(axis="y", length=0, labelleft=first)
+
+
+def _error_bars(
+    ax: Axes, errors: Mapping[str, np.ndarray], colors: Mapping[str, str], names: Sequence[str]
+) -> None:
+    """The mean squared error per signal, a bar per example side by side."""
+    nsig, ncol = len(names), len(errors)
+    width = min(0.8 / ncol, 0.27)  # one or two classes: bars of the usual width
+    for j, (key, err) in enumerate(errors.items()):
+        pos = np.arange(nsig) + (j - (ncol - 1) / 2) * width
+        ax.bar(pos, err, width=width, color=colors[key], alpha=0.8)
+    ax.set_xticks(np.arange(nsig), names)
+    ax.set_xlim(-0.6, nsig - 0.4)
+    ax.set_title("mean squared error per signal", fontsize=9)
+    ax.set_ylabel("sq. error")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def loss_curves(history: pd.DataFrame, best_epoch: int, path: str | Path) -> Path:
     """Training and validation loss, reconstruction loss and KL per epoch (log y), best epoch
     marked. `history` has an `epoch` column and Keras' history keys."""
     finite = history.replace([np.inf, -np.inf], np.nan)
