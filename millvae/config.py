@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from millvae import SIGNAL_NAMES
 from millvae.errors import MillvaeError
@@ -230,100 +231,222 @@ def make_config(**raw: Any) -> TrainConfig:
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Check every parameter; raise a one-line MillvaeError naming the first bad one."""
+class Constraint(Protocol):
+    """One entry of CONSTRAINTS: the error message for a bad value, None for a good one."""
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise MillvaeError(msg)
+    def error(self, name: str, cfg: TrainConfig) -> str | None: ...
 
-    def in_range(name: str, value: int, low: int, high: int, high_name: str = "") -> None:
-        top = f"{high_name} ({high})" if high_name else f"{high}"
-        need(low <= value <= high, f"{name}: expected {low} <= {name} <= {top}; got {value}")
 
-    need(cfg.beta >= 0, f"beta: expected a number >= 0; got {cfg.beta:g}")
-    in_range("codings_size", cfg.codings_size, 1, MAX_CODINGS)
-    need(1 <= cfg.conv_layers <= 6, f"conv_layers: expected 1..6; got {cfg.conv_layers}")
-    in_range("start_filter_no", cfg.start_filter_no, 1, MAX_FILTERS)
-    need(
-        cfg.final_activation in FINAL_ACTIVATIONS,
-        f"final_activation: expected one of {', '.join(FINAL_ACTIVATIONS)}; "
-        f"got {cfg.final_activation!r}",
-    )
-    in_range("epochs", cfg.epochs, 1, MAX_EPOCHS)
-    in_range("earlystop_patience", cfg.earlystop_patience, 0, MAX_EPOCHS)
-    in_range("batch_size", cfg.batch_size, 1, MAX_BATCH)
-    need(cfg.learning_rate > 0, f"learning_rate: expected > 0; got {cfg.learning_rate:g}")
-    need(
-        cfg.lr_schedule in LR_SCHEDULES,
-        f"lr_schedule: expected one of {', '.join(LR_SCHEDULES)}; got {cfg.lr_schedule!r}",
-    )
-    need(
-        cfg.lr_max >= cfg.learning_rate,
-        f"lr_max: expected >= learning_rate ({cfg.learning_rate:g}); got {cfg.lr_max:g}",
-    )
-    in_range("lr_cycle_epochs", cfg.lr_cycle_epochs, 1, MAX_EPOCHS)
-    need(
-        0 <= cfg.bn_momentum < 1,
-        f"bn_momentum: expected 0 <= momentum < 1; got {cfg.bn_momentum:g}",
-    )
-    in_range("seed", cfg.seed, 0, MAX_SEED)
-    in_range("split_seed", cfg.split_seed, 0, MAX_SEED)
+@dataclass(frozen=True)
+class Ref:
+    """A bound read from another field, so that a cross-field constraint says so in the table."""
+
+    field: str
+
+
+Bound = float | Ref | None  # None: unbounded on that side
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number between low and high.
+
+    `kind` is the field's type: floats print with :g, integers as they are (a seed of 2**32 - 1
+    must not print as 4.29497e+09). `label` stands for the value in the message; a two-sided
+    interval defaults to the field's name, a one-sided one to nothing (``expected > 0``).
+    """
+
+    kind: type[int] | type[float]
+    low: Bound
+    high: Bound
+    closed: Literal["both", "left", "right", "neither"] = "both"
+    label: str = ""
+
+    def error(self, name: str, cfg: TrainConfig) -> str | None:
+        value = getattr(cfg, name)
+        low, high = _resolve(self.low, cfg), _resolve(self.high, cfg)
+        # written as what must hold, not as what fails, so that NaN fails
+        above = low is None or (low <= value if self._low_in else low < value)
+        below = high is None or (value <= high if self._high_in else value < high)
+        if above and below:
+            return None
+        return f"{name}: expected {self._expected(name, low, high)}; got {self._show(value)}"
+
+    @property
+    def _low_in(self) -> bool:
+        return self.closed in ("both", "left")
+
+    @property
+    def _high_in(self) -> bool:
+        return self.closed in ("both", "right")
+
+    def _expected(self, name: str, low: float | None, high: float | None) -> str:
+        """``1 <= name <= 4096``, or for one side only ``>= learning_rate (0.001)``."""
+        if low is not None and high is not None:
+            return (
+                f"{self._shown(self.low, low)} {'<=' if self._low_in else '<'} "
+                f"{self.label or name} {'<=' if self._high_in else '<'} "
+                f"{self._shown(self.high, high)}"
+            )
+        if low is not None:
+            side = f"{'>=' if self._low_in else '>'} {self._shown(self.low, low)}"
+        else:
+            side = f"{'<=' if self._high_in else '<'} {self._shown(self.high, high)}"
+        return f"{self.label} {side}" if self.label else side
+
+    def _shown(self, bound: Bound, value: float) -> str:
+        if isinstance(bound, Ref):
+            return f"{bound.field} ({self._show(value)})"
+        return self._show(value)
+
+    def _show(self, value: Any) -> str:
+        return format(value, "g") if self.kind is float else f"{value}"
+
+
+def _resolve(bound: Bound, cfg: TrainConfig) -> Any:
+    return getattr(cfg, bound.field) if isinstance(bound, Ref) else bound
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed list of (lower-cased) words."""
+
+    values: tuple[str, ...]
+
+    def error(self, name: str, cfg: TrainConfig) -> str | None:
+        value = getattr(cfg, name)
+        if value in self.values:
+            return None
+        return f"{name}: expected one of {', '.join(self.values)}; got {value!r}"
+
+
+@dataclass(frozen=True)
+class Custom:
+    """A constraint that fits no other shape; `check` writes its whole message."""
+
+    check: Callable[[TrainConfig], str | None]
+
+    def error(self, name: str, cfg: TrainConfig) -> str | None:
+        return self.check(cfg)
+
+
+def _conv_layers(cfg: TrainConfig) -> str | None:
+    if 1 <= cfg.conv_layers <= 6:
+        return None
+    return f"conv_layers: expected 1..6; got {cfg.conv_layers}"
+
+
+def _window_size(cfg: TrainConfig) -> str | None:
+    """Reads conv_layers: each encoder block halves the window and each decoder block doubles
+    it back, so it must divide by 2**conv_layers."""
     factor = 2**cfg.conv_layers
-    need(
-        cfg.window_size >= factor and cfg.window_size % factor == 0,
-        f"window_size: expected a multiple of 2**conv_layers = {factor}; got {cfg.window_size}",
-    )
-    in_range("window_size", cfg.window_size, factor, MAX_WINDOW)
-    in_range("stride", cfg.stride, 1, MAX_WINDOW)
-    # a kernel or dilation wider than the window sees only the causal zero padding
-    in_range("kernel_size", cfg.kernel_size, 1, cfg.window_size, "window_size")
-    need(
-        len(cfg.dilations) <= MAX_DILATIONS and max(cfg.dilations) <= cfg.window_size,
+    if not (cfg.window_size >= factor and cfg.window_size % factor == 0):
+        return (
+            f"window_size: expected a multiple of 2**conv_layers = {factor}; got {cfg.window_size}"
+        )
+    return Interval(int, factor, MAX_WINDOW).error("window_size", cfg)
+
+
+def _dilations(cfg: TrainConfig) -> str | None:
+    """Reads window_size."""
+    if len(cfg.dilations) <= MAX_DILATIONS and max(cfg.dilations) <= cfg.window_size:
+        return None
+    return (
         f"dilations: expected at most {MAX_DILATIONS} values, each <= window_size "
-        f"({cfg.window_size}); got {cfg.dilations_str}",
+        f"({cfg.window_size}); got {cfg.dilations_str}"
     )
-    need(cfg.split in SPLITS, f"split: expected one of {', '.join(SPLITS)}; got {cfg.split!r}")
-    need(
-        0 < cfg.healthy_max_vb <= cfg.failed_min_vb,
+
+
+def _wear_bands(cfg: TrainConfig) -> str | None:
+    """Reads failed_min_vb: the healthy and failed wear bands must not overlap."""
+    if 0 < cfg.healthy_max_vb <= cfg.failed_min_vb:
+        return None
+    return (
         "healthy_max_vb/failed_min_vb: expected 0 < healthy_max_vb <= failed_min_vb; got "
-        f"{cfg.healthy_max_vb:g} and {cfg.failed_min_vb:g}",
+        f"{cfg.healthy_max_vb:g} and {cfg.failed_min_vb:g}"
     )
-    need(
-        cfg.positive in POSITIVES,
-        f"positive: expected one of {', '.join(POSITIVES)}; got {cfg.positive!r}",
+
+
+def _experiment(cfg: TrainConfig) -> str | None:
+    return None if cfg.experiment else "experiment: expected a non-empty MLflow experiment name"
+
+
+def _data(cfg: TrainConfig) -> str | None:
+    if cfg.data.lower() in DATA_KEYWORDS or os.path.isfile(cfg.data):
+        return None
+    return (
+        "data: expected a path to a mill.mat file, 'auto', 'nasa' or 'synthetic'; "
+        f"got {cfg.data!r} (no such file)"
     )
-    need(
-        cfg.threshold_method in THRESHOLD_METHODS,
-        f"threshold_method: expected one of {', '.join(THRESHOLD_METHODS)}; "
-        f"got {cfg.threshold_method!r}",
-    )
-    need(
-        0 < cfg.threshold_percentile < 100,
-        f"threshold_percentile: expected 0 < p < 100; got {cfg.threshold_percentile:g}",
-    )
-    in_range("score_samples", cfg.score_samples, 0, MAX_SCORE_SAMPLES)
-    in_range("bootstrap", cfg.bootstrap, 0, MAX_BOOTSTRAP)
-    need(cfg.max_memory_gb >= 0, f"max_memory_gb: expected >= 0; got {cfg.max_memory_gb:g}")
-    need(bool(cfg.experiment), "experiment: expected a non-empty MLflow experiment name")
-    if cfg.data.lower() not in DATA_KEYWORDS and not os.path.isfile(cfg.data):
-        raise MillvaeError(
-            "data: expected a path to a mill.mat file, 'auto', 'nasa' or 'synthetic'; "
-            f"got {cfg.data!r} (no such file)"
-        )
+
+
+def _labels(cfg: TrainConfig) -> str | None:
     # 'seed' is fetched (and checked) when the data is prepared, like data=nasa
-    if cfg.labels and cfg.labels.lower() != "seed" and not os.path.isfile(cfg.labels):
-        why = "a directory" if os.path.isdir(cfg.labels) else "no such file"
-        raise MillvaeError(f"labels: expected a CSV file or 'seed'; got {cfg.labels!r} ({why})")
-    low = cfg.signals.lower()
-    if low not in ("all", "available"):
-        names = [s.strip() for s in cfg.signals.split(",") if s.strip()]
-        unknown = [s for s in names if s not in SIGNAL_NAMES]
-        need(
-            bool(names) and not unknown,
-            f"signals: expected 'all', 'available' or names from {', '.join(SIGNAL_NAMES)}; "
-            f"got {cfg.signals!r}",
-        )
+    if not cfg.labels or cfg.labels.lower() == "seed" or os.path.isfile(cfg.labels):
+        return None
+    why = "a directory" if os.path.isdir(cfg.labels) else "no such file"
+    return f"labels: expected a CSV file or 'seed'; got {cfg.labels!r} ({why})"
+
+
+def _signals(cfg: TrainConfig) -> str | None:
+    if cfg.signals.lower() in ("all", "available"):
+        return None
+    names = [s.strip() for s in cfg.signals.split(",") if s.strip()]
+    if names and all(s in SIGNAL_NAMES for s in names):
+        return None
+    return (
+        f"signals: expected 'all', 'available' or names from {', '.join(SIGNAL_NAMES)}; "
+        f"got {cfg.signals!r}"
+    )
+
+
+# What `validate` checks, in the order it checks: the first error a configuration meets is what the
+# user reads (and what tests and scripts quote), so reordering is a change of behaviour. A
+# cross-field entry (a Ref bound, or a Custom that reads another field) comes after the fields it
+# reads, whose own checks have passed by then.
+CONSTRAINTS: dict[str, Constraint] = {
+    "beta": Interval(float, 0, None, label="a number"),
+    "codings_size": Interval(int, 1, MAX_CODINGS),
+    "conv_layers": Custom(_conv_layers),
+    "start_filter_no": Interval(int, 1, MAX_FILTERS),
+    "final_activation": Options(FINAL_ACTIVATIONS),
+    "epochs": Interval(int, 1, MAX_EPOCHS),
+    "earlystop_patience": Interval(int, 0, MAX_EPOCHS),
+    "batch_size": Interval(int, 1, MAX_BATCH),
+    "learning_rate": Interval(float, 0, None, closed="neither"),
+    "lr_schedule": Options(LR_SCHEDULES),
+    "lr_max": Interval(float, Ref("learning_rate"), None),
+    "lr_cycle_epochs": Interval(int, 1, MAX_EPOCHS),
+    "bn_momentum": Interval(float, 0, 1, closed="left", label="momentum"),
+    "seed": Interval(int, 0, MAX_SEED),
+    "split_seed": Interval(int, 0, MAX_SEED),
+    "window_size": Custom(_window_size),
+    "stride": Interval(int, 1, MAX_WINDOW),
+    # a kernel or dilation wider than the window sees only the causal zero padding
+    "kernel_size": Interval(int, 1, Ref("window_size")),
+    "dilations": Custom(_dilations),
+    "split": Options(SPLITS),
+    "healthy_max_vb": Custom(_wear_bands),
+    "positive": Options(POSITIVES),
+    "threshold_method": Options(THRESHOLD_METHODS),
+    "threshold_percentile": Interval(float, 0, 100, closed="neither", label="p"),
+    "score_samples": Interval(int, 0, MAX_SCORE_SAMPLES),
+    "bootstrap": Interval(int, 0, MAX_BOOTSTRAP),
+    "max_memory_gb": Interval(float, 0, None),
+    "experiment": Custom(_experiment),
+    "data": Custom(_data),
+    "labels": Custom(_labels),
+    "signals": Custom(_signals),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every parameter in CONSTRAINTS' order, then the memory estimate; raise a one-line
+    MillvaeError naming the first bad one."""
+    for name, constraint in CONSTRAINTS.items():
+        message = constraint.error(name, cfg)
+        if message is not None:
+            raise MillvaeError(message)
     check_memory(cfg)
 
 
