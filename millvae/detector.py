@@ -678,7 +678,9 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def _signature(config: dict):
+def detector_signature(config: dict) -> Any:
+    """The detector's MLflow signature: raw signals (condition columns optional) in; every score,
+    the decision score, its threshold, the decision and a warning out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 

@@ -16,9 +16,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from millvae import tracking
 from millvae.errors import ArgParser, MillvaeError
 from millvae.metric_groups import flat
+from millvae.tracking.registry import register_version, tag_run
+from millvae.tracking.store import prepare_store
 
 DEFAULTS = {
     "experiment": "millvae",
@@ -304,7 +305,7 @@ def register_best(
 ) -> Registration:
     """Register the best FINISHED run's detector under `model_name` and point `alias` at it."""
     higher, allow, protocol = _check_args(metric, allow_synthetic, protocol, model_name, alias)
-    tracking.prepare_store()
+    prepare_store()
     client = MlflowClient()
     exp = _find_experiment(client, experiment)
     own_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e register`'s own run
@@ -319,11 +320,11 @@ def register_best(
         f"{exp.name} run {chosen.info.run_name} ({chosen.info.run_id}): {metric} = {value:.4f}"
     )
     existing = _existing_version(client, model_name, chosen.info.run_id)
-    version, created, previous = tracking.register_version(
+    version, created, previous = register_version(
         uri, model_name, alias, existing, tags=tags, description=description
     )
     if own_run:  # leave a trace on the `mlflow run -e register` run itself
-        tracking.tag_run(own_run, _trace(model_name, version.version, alias, chosen, protocol))
+        tag_run(own_run, _trace(model_name, version.version, alias, chosen, protocol))
     test_metric = paired_test_ap_metric(metric)
     test_value = sel.figures[chosen.info.run_id].get(test_metric) if test_metric else None
     return Registration(

@@ -64,9 +64,8 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
         )
     name = f"repeat_{cfg.model_name()}_split-{cfg.split}_seeds-{'-'.join(map(str, seeds))}"
     with tracking.tracked_run(cfg, run_name=name, tags={"model_type": "repeat"}) as parent:
-        tracking.log_params_once(cfg.to_params())
-        tracking.log_params_once({"split_seeds": ",".join(map(str, seeds))})
-        tracking.set_tags({"model_type": "repeat"})
+        seeds_param = {"split_seeds": ",".join(map(str, seeds))}
+        tracking.start_record({**cfg.to_params(), **seeds_param}, model_type="repeat")
         data_file = resolve_data(cfg.data)
         mill = load_mill(data_file.path, cfg.signals)  # loaded once, prepared per seed
         rows = []

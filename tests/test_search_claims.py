@@ -37,16 +37,17 @@ from millvae.search import store as S
 tmp, what = Path(sys.argv[1]), sys.argv[2]
 client = MlflowClient()
 exp_id = client.get_experiment_by_name("race").experiment_id
+records = S.search_records()
 (tmp / f"ready-{os.getpid()}").touch()
 while not (tmp / "go").exists():
     time.sleep(0.001)
 if what == "parent":
     desc = {"n_iter": "3", "seed": "1", "search_space": "{}", "overrides": "{}",
             "metric": "val_ap_kl", "search_id": "race"}
-    got = S.open_parent(client, exp_id, "race", desc)
+    got = S.open_parent(records, exp_id, "race", desc)
 else:
     search = S.Search("race", exp_id, sys.argv[3], [{}], {}, "val_ap_kl")
-    got = S.claim_trial(client, search, 0)
+    got = S.claim_trial(records, search, 0)
 print(json.dumps(got), flush=True)
 if len(sys.argv) > 4:
     while not (tmp / "release").exists():

@@ -1,4 +1,4 @@
-"""Creating the sqlite tracking store (millvae/store.py): safe when processes start together."""
+"""Creating the sqlite tracking store (millvae/tracking/store.py): safe when processes race."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from millvae.errors import MillvaeError
-from millvae.tracking import prepare_store, sqlite_path
+from millvae.tracking.store import prepare_store, sqlite_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ RACER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import mlflow
-    from millvae.tracking import prepare_store
+    from millvae.tracking.store import prepare_store
     uri, barrier = sys.argv[1], Path(sys.argv[2])
     (barrier / f"ready-{os.getpid()}").touch()
     while not (barrier / "go").exists():

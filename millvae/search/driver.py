@@ -23,12 +23,12 @@ from millvae.search.store import (
     Search,
     _alive,
     _children,
-    _client,
     _reopen_parent,
     end_parent,
     open_search,
     pending_trials,
     reap_dead_trials,
+    search_records,
     summarize,
 )
 from millvae.search.trial import run_trial, trial_cost
@@ -109,7 +109,7 @@ def run_search(
 ) -> Progress:
     """Run this shard's pending trials with `workers` processes (0 = in this process); `pool`:
     workers started earlier (see `WorkerPool`)."""
-    client = _client()
+    client = search_records()
     todo = _pending(client, search)
     costs = {i: trial_cost({**search.trials[i], **search.overrides}) for i in todo}
     progress = Progress(len(todo), search.metric, costs=costs)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             progress = run_search(search, spec.workers, pool=pool)
         except BaseException as exc:  # the workers' trials in progress have ended by now
-            end_parent(_client(), search, "KILLED" if _stopped(exc) else "FAILED")
+            end_parent(search_records(), search, "KILLED" if _stopped(exc) else "FAILED")
             raise
     finally:
         if pool is not None:

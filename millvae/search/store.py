@@ -8,15 +8,19 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from millvae.errors import MillvaeError
+from millvae.metric_groups import flat
 from millvae.search.space import shard_indices
+
+if TYPE_CHECKING:
+    from millvae.tracking.search import SearchRecords
 
 SEARCH_ID_TAG = "millvae.search_id"
 PARENT_TAG = "millvae.search_parent"
@@ -51,31 +55,26 @@ class Search:
         return shard_indices(len(self.trials), self.shard, self.n_shards)
 
 
-def _client():
-    from mlflow.tracking import MlflowClient
+def search_records() -> SearchRecords:
+    # MLflow loads here, when a search opens the store: `millvae search --help` stays light
+    from millvae.tracking.search import SearchRecords
 
-    return MlflowClient()
+    return SearchRecords()
 
 
-def _children(client, search: Search) -> list:
-    runs = client.search_runs(
-        [search.experiment_id],
-        filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search.search_id}'",
-        max_results=50000,
-    )
+def _children(client: SearchRecords, search: Search) -> list:
+    runs = client.runs_tagged(search.experiment_id, {SEARCH_ID_TAG: search.search_id}, 50000)
     return [r for r in runs if TRIAL_TAG in r.data.tags]
 
 
-def _parents(client, experiment_id: str, search_id: str) -> list:
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search_id}' and tags.`{PARENT_TAG}` = 'true'",
-        max_results=100,
-    )
+def _parents(client: SearchRecords, experiment_id: str, search_id: str) -> list:
+    runs = client.runs_tagged(experiment_id, {SEARCH_ID_TAG: search_id, PARENT_TAG: "true"}, 100)
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
-def open_parent(client, experiment_id: str, search_id: str, description: dict) -> str:
+def open_parent(
+    client: SearchRecords, experiment_id: str, search_id: str, description: dict
+) -> str:
     """Find or create the search's parent run: of drivers and shards starting together, exactly
     one creates it (the one that takes `_take_lock`); the others wait for it."""
     deadline = time.monotonic() + 3 * LOCK_TIMEOUT_S
@@ -104,34 +103,22 @@ def open_parent(client, experiment_id: str, search_id: str, description: dict) -
     return parent.info.run_id
 
 
-def _create_parent(client, experiment_id: str, search_id: str, description: dict) -> str:
+def _create_parent(
+    client: SearchRecords, experiment_id: str, search_id: str, description: dict
+) -> str:
     """The parent run (the run of `mlflow run -e search`, where there is one), tagged at once:
     drivers waiting for it read the description's tags as soon as they find it."""
-    from mlflow.entities import Param, RunTag
-
     tags = {SEARCH_ID_TAG: search_id, "model_type": "search"}
     tags.update({f"millvae.search.{k}": v for k, v in description.items()})
     tags[PARENT_TAG] = "true"
-    driver = os.environ.get("MLFLOW_RUN_ID")
-    if driver:  # `mlflow run -e search` made a run for us: it becomes the parent
-        run_id = driver
-        tags["mlflow.runName"] = f"search-{search_id}"
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    else:
-        run_id = client.create_run(
-            experiment_id, run_name=f"search-{search_id}", tags=tags
-        ).info.run_id
-    have = client.get_run(run_id).data.params  # `mlflow run` logged its -P values already
-    params = [Param(k, v) for k, v in description.items() if k not in have]
-    client.log_batch(run_id, params=params)
-    return run_id
+    return client.create_parent(experiment_id, f"search-{search_id}", tags, description)
 
 
 def _lock_name(experiment_id: str, search_id: str, gen: int) -> str:
     return f"{LOCK_PREFIX}/{experiment_id}/{search_id}/{gen}"
 
 
-def _take_lock(client, experiment_id: str, search_id: str) -> bool:
+def _take_lock(client: SearchRecords, experiment_id: str, search_id: str) -> bool:
     """Whether this driver may create the search's parent run.
 
     Experiment names are unique in every MLflow store, and a deleted experiment keeps its name:
@@ -139,23 +126,13 @@ def _take_lock(client, experiment_id: str, search_id: str) -> bool:
     deleted at once (out of sight in the UI). A lock whose holder died before the parent run
     existed is taken over with the next generation.
     """
-    from mlflow.exceptions import MlflowException
-
     gen, last = 0, None
-    while exp := client.get_experiment_by_name(_lock_name(experiment_id, search_id, gen)):
-        gen, last = gen + 1, exp
-    if last is not None and _lock_holds(last.tags.get(LOCK_HOLDER_TAG, "")):
+    while (tags := client.experiment_tags(_lock_name(experiment_id, search_id, gen))) is not None:
+        gen, last = gen + 1, tags
+    if last is not None and _lock_holds(last.get(LOCK_HOLDER_TAG, "")):
         return False
-    try:
-        lock = client.create_experiment(
-            _lock_name(experiment_id, search_id, gen), tags={LOCK_HOLDER_TAG: _holder()}
-        )
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return False  # another driver took this generation first
-    client.delete_experiment(lock)
-    return True
+    # False: another driver took this generation first
+    return client.take_name(_lock_name(experiment_id, search_id, gen), {LOCK_HOLDER_TAG: _holder()})
 
 
 def _lock_holds(value: str) -> bool:
@@ -205,7 +182,7 @@ def _proc_start(pid: int) -> str:
         return ""
 
 
-def claim_trial(client, search: Search, index: int) -> str | None:
+def claim_trial(client: SearchRecords, search: Search, index: int) -> str | None:
     """Claim trial `index` for this process: the claim's key, or None where the trial is
     FINISHED or another live process holds it.
 
@@ -217,11 +194,9 @@ def claim_trial(client, search: Search, index: int) -> str | None:
     of one search need a database store. A claim whose holder died, or ended its run without
     finishing it, is taken over with the next generation (a rerun, a retried trial).
     """
-    from mlflow.exceptions import MlflowException
-
     me = _holder()
     while True:
-        gen, last = _last_claim(client.get_run(search.parent_id).data.params, index)
+        gen, last = _last_claim(client.params(search.parent_id), index)
         if last is not None:
             runs = _trial_runs(client, search, index)
             if any(r.info.status == "FINISHED" for r in runs):
@@ -231,13 +206,9 @@ def claim_trial(client, search: Search, index: int) -> str | None:
                 return None
             _end_dead_runs(client, mine)
         key = _claim_key(index, gen + 1)
-        try:
-            client.log_param(search.parent_id, key, me)
-        except MlflowException:
-            if key not in client.get_run(search.parent_id).data.params:
-                raise
+        if not client.log_claim(search.parent_id, key, me):
             continue  # another process claimed this generation first: look again
-        if client.get_run(search.parent_id).data.params.get(key) == me:
+        if client.params(search.parent_id).get(key) == me:
             return key
 
 
@@ -255,7 +226,7 @@ def _last_claim(params: Mapping[str, str], index: int) -> tuple[int, _Holder | N
     return gen, _Holder.parse(params[_claim_key(index, gen)]) or _Holder("", 0, "", 0.0, "")
 
 
-def _claim_holds(client, search: Search, holder: _Holder, runs: list) -> bool:
+def _claim_holds(client: SearchRecords, search: Search, holder: _Holder, runs: list) -> bool:
     """Whether a claim still holds: its run (if made yet) is RUNNING and its process lives; a
     process on another host is judged by its progress (the `stale_minutes` rule)."""
     if any(r.info.status != "RUNNING" for r in runs):
@@ -267,22 +238,15 @@ def _claim_holds(client, search: Search, holder: _Holder, runs: list) -> bool:
     return time.time() - holder.since < search.stale_minutes * 60
 
 
-def _end_dead_runs(client, runs: list) -> None:
+def _end_dead_runs(client: SearchRecords, runs: list) -> None:
     for run in runs:
         if run.info.status == "RUNNING":
-            client.set_tag(
-                run.info.run_id, "millvae.error", "worker died (process gone or no heartbeat)"
-            )
-            client.set_terminated(run.info.run_id, status="KILLED")
+            client.end(run.info.run_id, "KILLED", "worker died (process gone or no heartbeat)")
 
 
-def _trial_runs(client, search: Search, index: int) -> list:
-    return client.search_runs(
-        [search.experiment_id],
-        filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search.search_id}' "
-        f"and tags.`{TRIAL_TAG}` = '{index}'",
-        max_results=1000,
-    )
+def _trial_runs(client: SearchRecords, search: Search, index: int) -> list:
+    tags = {SEARCH_ID_TAG: search.search_id, TRIAL_TAG: str(index)}
+    return client.runs_tagged(search.experiment_id, tags, 1000)
 
 
 def _alive(pid: int) -> bool:
@@ -298,7 +262,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def reap_dead_trials(client, search: Search) -> int:
+def reap_dead_trials(client: SearchRecords, search: Search) -> int:
     """Trials left RUNNING by a worker that died (SIGKILL, OOM, lost machine) become KILLED."""
     host = socket.gethostname()
     reaped = 0
@@ -317,16 +281,12 @@ def reap_dead_trials(client, search: Search) -> int:
     return reaped
 
 
-def _stale(client, run, minutes: float) -> bool:
+def _stale(client: SearchRecords, run, minutes: float) -> bool:
     """Whether a run of another host showed no progress (a logged loss) for `minutes`."""
-    last = max(
-        [m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")]
-        or [run.info.start_time]
-    )
-    return time.time() * 1000 - last > minutes * 60_000
+    return time.time() * 1000 - client.last_loss_ms(run) > minutes * 60_000
 
 
-def pending_trials(client, search: Search) -> list[int]:
+def pending_trials(client: SearchRecords, search: Search) -> list[int]:
     finished = set()
     for run in _children(client, search):
         if run.info.status == "FINISHED":
@@ -334,13 +294,13 @@ def pending_trials(client, search: Search) -> list[int]:
     return [i for i in search.my_indices() if i not in finished]
 
 
-def end_parent(client, search: Search, status: str) -> None:
+def end_parent(client: SearchRecords, search: Search, status: str) -> None:
     """End the parent run `status` (a driver stopped or killed) unless trials of another
     driver still run in it (a shard, a second start); `mlflow run` ends a parent it made."""
     if search.parent_id == search.driver_run_id:
         return
     try:
-        if client.get_run(search.parent_id).info.status != "RUNNING":
+        if client.status(search.parent_id) != "RUNNING":
             return
         others = [
             r
@@ -348,26 +308,26 @@ def end_parent(client, search: Search, status: str) -> None:
             if r.info.status == "RUNNING" and r.data.tags.get(DRIVER_TAG) != search.driver
         ]
         if not others:
-            client.set_terminated(search.parent_id, status=status)
+            client.end(search.parent_id, status)
     except Exception as exc:  # the store may be what failed; the next start sets it right
         print(f"search: could not mark the parent run {status}: {exc}", file=sys.stderr)
 
 
-def _reopen_parent(client, search: Search) -> None:
+def _reopen_parent(client: SearchRecords, search: Search) -> None:
     """A parent ended KILLED or FAILED runs again while a resumed search runs in it."""
     if search.parent_id != search.driver_run_id:
-        if client.get_run(search.parent_id).info.status != "RUNNING":
-            client.update_run(search.parent_id, status="RUNNING")
+        if client.status(search.parent_id) != "RUNNING":
+            client.reopen(search.parent_id)
 
 
 def summarize(search: Search, top: int = 10) -> dict:
     """Log the summary on the parent; end it FINISHED once every trial has ended."""
     import pandas as pd
 
-    client = _client()
+    client = search_records()
     rows = []
     for run in _children(client, search):
-        m, p = run.data.metrics, run.data.params
+        m, p = flat(run.data.metrics), run.data.params
         rows.append(
             {
                 "trial_index": int(run.data.tags.get(TRIAL_TAG, -1)),
@@ -392,30 +352,29 @@ def summarize(search: Search, top: int = 10) -> dict:
     stats = {"n_trials": total, "n_finished": n_finished, "n_failed": len(failed_only)}
     pid = search.parent_id
     for k, v in stats.items():
-        client.log_metric(pid, k, v)
+        client.record_metric(pid, k, v)
     if n_finished:
         ranked = finished.dropna(subset=[search.metric]).sort_values(
             search.metric, ascending="loss" in search.metric
         )
         if len(ranked):
             best = ranked.iloc[0]
-            client.set_tag(pid, "best_run_id", best["run_id"])
-            client.set_tag(pid, "best_trial_index", str(best["trial_index"]))
-            client.log_metric(pid, f"best_{search.metric}", float(best[search.metric]))
+            client.tag(
+                pid, {"best_run_id": best["run_id"], "best_trial_index": str(best["trial_index"])}
+            )
+            client.record_metric(pid, f"best_{search.metric}", float(best[search.metric]))
             stats["best_run_id"] = best["run_id"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "summary.csv"
-            ranked.head(top).to_csv(path, index=False)
-            client.log_artifact(pid, str(path))
-            table.sort_values("trial_index").to_csv(Path(tmp) / "all_trials.csv", index=False)
-            client.log_artifact(pid, str(Path(tmp) / "all_trials.csv"))
+        client.log_tables(
+            pid,
+            {"summary.csv": ranked.head(top), "all_trials.csv": table.sort_values("trial_index")},
+        )
         print(
             ranked.head(top)[["trial_index", search.metric, "test_ap_kl", "run_id"]].to_string(
                 index=False
             )
         )
     if n_finished + len(failed_only) >= total and search.driver_run_id != pid:
-        client.set_terminated(pid, status="FINISHED" if n_finished else "FAILED")
+        client.end(pid, "FINISHED" if n_finished else "FAILED")
     stats["finished_indices"] = sorted(int(i) for i in ended_idx)
     return stats
 
@@ -434,10 +393,10 @@ def open_search(
     stale: float,
 ) -> Search:
     """The experiment and the search's parent run, found or created."""
-    from millvae.tracking import prepare_store
+    from millvae.tracking.store import prepare_store
 
     prepare_store()  # shards started together on a new sqlite store: one creates it
-    client = _client()
+    client = search_records()
     driver_run = os.environ.get("MLFLOW_RUN_ID", "")
     experiment_id = _search_experiment(client, exp_name, driver_run)
     description = {
@@ -452,8 +411,9 @@ def open_search(
     # trials must never continue the driver's run (mlflow.start_run reads MLFLOW_RUN_ID)
     os.environ.pop("MLFLOW_RUN_ID", None)
     if driver_run and driver_run != parent:  # the search's parent is older than this run
-        client.set_tag(driver_run, "millvae.search_parent_run", parent)
-        client.set_tag(driver_run, SEARCH_ID_TAG + "_driver", search_id)
+        client.tag(
+            driver_run, {"millvae.search_parent_run": parent, SEARCH_ID_TAG + "_driver": search_id}
+        )
     search = Search(
         search_id,
         experiment_id,
@@ -470,15 +430,10 @@ def open_search(
     return search
 
 
-def _search_experiment(client, exp_name: str, driver_run: str) -> str:
+def _search_experiment(client: SearchRecords, exp_name: str, driver_run: str) -> str:
     """The experiment of the search: that of the run `mlflow run -e search` made (the parent
     and its children belong together), else `exp_name`, created if need be."""
-    import mlflow
-
-    if not driver_run:
-        return mlflow.set_experiment(exp_name).experiment_id
-    experiment_id = client.get_run(driver_run).info.experiment_id
-    name = client.get_experiment(experiment_id).name
+    experiment_id, name = client.search_experiment(exp_name, driver_run)
     if name != exp_name:
         print(
             f"millvae: note: `mlflow run` created this run in experiment {name!r}; the search "

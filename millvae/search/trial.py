@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from millvae.config import PREP_PARAMS, make_config
 from millvae.errors import MillvaeError
@@ -19,14 +20,17 @@ from millvae.search.store import (
     SEARCH_ID_TAG,
     TRIAL_TAG,
     Search,
-    _client,
     claim_trial,
+    search_records,
 )
+
+if TYPE_CHECKING:
+    from millvae.tracking.search import SearchRecords
 
 
 def run_trial(search: Search, index: int, cache: dict, verbose: int = 0) -> dict:
     """Train trial `index` as one child run; a failure is recorded, never raised."""
-    client = _client()
+    client = search_records()
     try:
         claim = claim_trial(client, search, index)
     except Exception as exc:  # the store refused or failed: this trial, not the worker, fails
@@ -61,23 +65,29 @@ def _trial_tags(search: Search, index: int, claim: str) -> dict:
     }
 
 
-def _reject(client, search: Search, index: int, params: Mapping, tags: dict, exc) -> dict:
+def _reject(
+    client: SearchRecords, search: Search, index: int, params: Mapping, tags: dict, exc
+) -> dict:
     """A FAILED run for a trial whose parameters make no valid config (nothing trained)."""
-    run = client.create_run(search.experiment_id, tags=tags, run_name=f"trial-{index:04d}")
-    for k, v in params.items():
-        client.log_param(run.info.run_id, k, str(v))
-    client.set_tag(run.info.run_id, "millvae.error", f"invalid parameters: {exc}")
-    client.set_terminated(run.info.run_id, status="FAILED")
-    return {"index": index, "status": "FAILED", "error": str(exc), "run_id": run.info.run_id}
+    run_id = client.failed_run(
+        search.experiment_id, f"trial-{index:04d}", tags, params, f"invalid parameters: {exc}"
+    )
+    return {"index": index, "status": "FAILED", "error": str(exc), "run_id": run_id}
 
 
 def _train(
-    client, search: Search, index: int, cfg, tags: dict, cache: dict, verbose: int, t0: float
+    client: SearchRecords,
+    search: Search,
+    index: int,
+    cfg,
+    tags: dict,
+    cache: dict,
+    verbose: int,
+    t0: float,
 ) -> dict:
     """Train the trial's config with `train_run` (data prepared once per PREP_PARAMS key)."""
-    import mlflow
-
     from millvae.data.prepare import prepare
+    from millvae.tracking import run_metrics
     from millvae.train import train_run
 
     try:
@@ -93,9 +103,9 @@ def _train(
             experiment_id=search.experiment_id,
             verbose=verbose,
         )
-        m = mlflow.get_run(res.run_id).data.metrics
+        m = run_metrics(res.run_id)
         # memory of the worker after each of its trials: growth across trials would show here
-        client.log_metric(res.run_id, "worker_rss_mib", _rss_mib())
+        client.record_metric(res.run_id, "worker_rss_mib", _rss_mib())
         return {
             "index": index,
             "status": "FINISHED",

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from millvae.errors import MillvaeError
 from millvae.runtime import configure_threads, thread_pools, usable_cores
-from millvae.search.store import Search, _alive, _client, end_parent
+from millvae.search.store import Search, _alive, end_parent, search_records
 from millvae.search.trial import _rss_mib, run_trial
 
 # After its driver died, a worker has this long to end its trial run KILLED before it just exits.
@@ -228,7 +228,7 @@ def _leave(results, children: Sequence, interrupted: bool = False) -> NoReturn:
     # without TensorFlow's interpreter teardown (about 2 s that the search's end waited for).
     # Stopped, it does not wait on a driver that may no longer read the queue.
     if _ORPHANED and _SEARCH is not None:
-        end_parent(_client(), _SEARCH, "KILLED")  # no driver is left to do it
+        end_parent(search_records(), _SEARCH, "KILLED")  # no driver is left to do it
     if interrupted:
         results.cancel_join_thread()
     results.close()

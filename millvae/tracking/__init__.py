@@ -1,10 +1,12 @@
-"""The one library module that writes to MLflow: the store, a run's life, its params once, the
-per-epoch logger, tags, metrics (under their sections, see `metric_groups`), artifacts and the
-Keras model and pyfunc detector.
+"""The one place in the library that writes to MLflow. This module: a run's life, its params
+once, the per-epoch logger, tags, metrics (under their sections, see `metric_groups`), artifacts,
+the Keras model and the pyfunc detector. Beside it: `store` (a sqlite store made ready before
+use), `registry` (Model Registry versions and aliases) and `search` (what a hyperparameter search
+keeps in the store: its parent run, claims, trials).
 
 Everything else computes and returns; entry points (`train`, `repeat`, `baseline`, `register`,
-`search`) call in here to record what they computed. MLflow's own notes on the store, the run
-lifecycle and the models are in the functions below.
+`search`) call in here to record what they computed. `tests/test_tracking_only.py` checks that no
+other module calls MLflow's writing API.
 """
 
 from __future__ import annotations
@@ -27,110 +29,33 @@ import numpy as np
 import pandas as pd
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 import millvae
-from millvae.cache import file_lock
 from millvae.config import TrainConfig
 from millvae.data.prepare import Prepared
 from millvae.detector import (
     CONFIG_FILE,
     KERAS_FILE,
     MODEL_CODE,
-    _signature,
+    detector_signature,
     example_frame,
     pip_requirements,
     score_raw,
 )
 from millvae.errors import MillvaeError
 from millvae.metric_groups import flat, grouped
+from millvae.tracking.store import prepare_store
 
 # mlflow's generated run names look like "bold-cat-123"; only those are replaced by ours
 _GENERATED_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")
-PROTOCOLS = {
+PROTOCOL_TAGS = {
     "window": "seed protocol: random stratified window split (leaks cuts across splits)",
     "case": "leak-free: whole tools per split, failing tools divided between val and test",
     "cut": "whole cuts per split, stratified by tool class",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# the store (see `prepare_store`)
-
-# The MLflow tracking store, made ready before a process uses it.
-#
-# MLflow creates a sqlite store's tables on the first connection of each process, with a check
-# then a create that is not atomic across processes: two commands started together on a store
-# that does not exist yet (search workers, a shell loop with ``&``) both see no tables, both
-# create them, and one dies with ``table ... already exists``. `prepare_store` does that first
-# connection under an exclusive lock on ``<db>.lock`` beside the database, so the second process
-# waits and then finds the store ready. Other stores (a tracking server, PostgreSQL, a folder)
-# are left to MLflow.
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:`` tracking URI (relative to the working directory where
-    the URI is), or None for another kind of store or an in-memory database."""
-    if not tracking_uri.startswith("sqlite"):
-        return None
-
-    try:
-        database = make_url(tracking_uri).database
-    except ArgumentError as exc:
-        raise MillvaeError(
-            f"expected a tracking URI like sqlite:///path/to/mlflow.db, got {tracking_uri!r}: {exc}"
-        ) from None
-    if not database or database == ":memory:" or database.startswith("file:"):
-        # nothing on disk to race for (a file: URI names its path in a way sqlite parses)
-        return None
-    return Path(database).absolute()
-
-
-_READY: set[str] = set()  # stores this process has prepared: later calls cost nothing
-
-
-def prepare_store(tracking_uri: str | None = None) -> None:
-    """Create and migrate a sqlite tracking store (`tracking_uri`, else MLflow's current one)
-    under a file lock, so that processes starting together do not race to create its tables.
-    Other stores: nothing. Once per store and process (a search worker runs many trials)."""
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    db = sqlite_path(uri)
-    if db is None or uri in _READY:
-        return
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does for sqlite stores
-        with file_lock(Path(f"{db}.lock"), f"waiting for another process to create {db}"):
-            _initialise(uri)
-    except OSError as exc:  # no lock file possible: a read-only folder
-        if not db.is_file():
-            raise MillvaeError(
-                f"expected a writable folder for the MLflow store {uri}, got "
-                f"{type(exc).__name__}: {exc.strerror or exc}"
-            ) from None
-        _initialise(uri)  # a read-only store that exists: nothing to create, nothing to race
-    _READY.add(uri)
-
-
-def _initialise(uri: str) -> None:
-
-    try:
-        # the first query builds the store (cached per URI for this process), which creates the
-        # tables and runs the migrations of a new database and checks the schema of an old one
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except MlflowException as exc:
-        first = (str(exc.message).strip().splitlines() or [""])[0]
-        raise MillvaeError(f"expected a usable MLflow store at {uri}, got: {first}") from None
-    except SQLAlchemyError as exc:  # not a database, a schema sqlite cannot read, ...
-        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
-        raise MillvaeError(
-            f"expected an MLflow sqlite store at {uri}, got {type(exc).__name__}: {first}"
-        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,13 +207,13 @@ def log_files(folder: Path, where: Mapping[str, str | None]) -> None:
 
 
 def log_evaluation(ev: Any, cfg: TrainConfig, folder: Path, *, metrics: bool = True) -> None:
-    """A detection evaluation: its tags, the files `detect.evaluate.write_outputs` wrote to
+    """A detection evaluation: its tags, the files `detect.report.write_outputs` wrote to
     `folder`, and (unless the caller links them to a model later) its metrics."""
     if metrics:
         log_metrics(ev.metrics)
     mlflow.set_tags(
         {
-            "protocol": PROTOCOLS[cfg.split],
+            "protocol": PROTOCOL_TAGS[cfg.split],
             "decision_score": ev.decision_score,
             "positive_class": cfg.positive,
         }
@@ -438,51 +363,7 @@ def log_detector(
                 "config": str(tmp_path / CONFIG_FILE),
             },
             code_paths=[str(code)],
-            signature=_signature(config),
+            signature=detector_signature(config),
             input_example=example,
             pip_requirements=pip_requirements(),
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# the Model Registry
-
-
-def register_version(
-    uri: str,
-    model_name: str,
-    alias: str,
-    existing: Any,
-    *,
-    tags: Mapping[str, str],
-    description: str,
-) -> tuple[Any, bool, str | None]:
-    """Register `uri` as a version of `model_name` (or refresh the tags of `existing`, the run's
-    version already there), point `alias` at it; (version, created, the alias' previous version).
-    """
-    try:
-        created = existing is None
-        client = MlflowClient()
-        if created:
-            version = mlflow.register_model(uri, model_name, tags=dict(tags))
-        else:  # refresh the tags: a version registered by hand may lack them
-            version = existing
-            for key, val in tags.items():
-                client.set_model_version_tag(model_name, version.version, key, val)
-        previous = client.get_registered_model(model_name).aliases.get(alias)
-        client.set_registered_model_alias(model_name, alias, version.version)
-        client.update_model_version(model_name, version.version, description=description)
-    except MlflowException as exc:
-        first = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
-        raise MillvaeError(f"registering {uri} as {model_name!r} failed: {first}") from exc
-    return version, created, previous
-
-
-def tag_run(run_id: str, tags: Mapping[str, str]) -> None:
-    """Tags on a run that is not the active one; a failure here is a warning, not an error."""
-    client = MlflowClient()
-    try:
-        for key, val in tags.items():
-            client.set_tag(run_id, key, val)
-    except MlflowException as exc:  # what was done before (a registration) stands
-        print(f"millvae: warning: could not tag run {run_id}: {exc}")
