@@ -27,13 +27,13 @@ from millvae.detect.evaluate import (
     VAE_SCORES,
     Evaluation,
     evaluate_run,
-    reconstruction_examples,
     vae_scores,
-    write_outputs,
 )
+from millvae.detect.report import reconstruction_examples, write_outputs
 from millvae.detector import detector_config
 from millvae.errors import ArgParser, MillvaeError
-from millvae.quiet import StderrFilter, import_tensorflow
+from millvae.model.pipeline import quiet_first_step, training_batches, validation_callback
+from millvae.quiet import import_tensorflow
 from millvae.runtime import configure_threads, settle_gc
 
 EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "rounded_accuracy")
@@ -115,76 +115,6 @@ def learning_rate(cfg: TrainConfig, n_train: int):
     )
 
 
-def _train_dataset(x_train: np.ndarray, batch_size: int, seed: int):
-    """Training batches reshuffled every epoch (seeded), repeated: fit with `steps_per_epoch`.
-
-    The same epochs as `model.fit(x, batch_size, shuffle=True)`, a different (seeded) order.
-    Keras' own pipeline for arrays gathers each batch through an autotuned parallel map and
-    prefetch; it measured slower and more variable: 0.50 s against 0.43 s per epoch (median of 12,
-    paper's best configuration, real data, two cores).
-
-    Repeated, because Keras makes a new iterator of a finite dataset at each epoch's start and
-    another at its end (thrown away unused), each with its prefetch thread and a refilled shuffle
-    buffer; in about a third of the epochs the next epoch then waited 0.2-0.5 s before its first
-    step. One iterator for the whole fit: seed default on the real data, epochs 2-11 took 0.83 s
-    against 1.00 s (two cores). Shuffling before `repeat` keeps each epoch one permutation.
-
-    Without tf.data's autotuning: nothing here is autotuned, and its model thread sleeps in
-    periods that grow as the fit goes on; the iterator's teardown at the end of `fit` waited for
-    it. Measured with one thread per process, two fits side by side (real data, 5 epochs): 6 of
-    12 fits ended 1.5-1.7 s late with the process idle, 0 of 12 without it; stalls of 4-7 s at
-    the end of search trials.
-    """
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return (
-        tf.data.Dataset.from_tensor_slices(x_train)
-        .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
-        .repeat()
-        .prefetch(2)
-        .with_options(options)
-    )
-
-
-def _validation(x_val: np.ndarray, batch_size: int):
-    """A callback that puts `val_*` metrics into each epoch's logs, ahead of the callbacks that
-    read them (EarlyStopping, progress, history, MLflow): `validation_data` done by
-    `BetaVAE.validate`, whose graph scoring reuses after training (Keras' evaluate traces a
-    function of its own, thrown away with the fit: scoring all 11,570 real windows after a fit
-    took 1.3-2.0 s this way against 2.1-3.1 s, one AMD core)."""
-    import keras
-
-    class Validation(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            metrics = self.model.validate(x_val, batch_size=batch_size)
-            if logs is not None:
-                logs.update({f"val_{k}": v for k, v in sorted(metrics.items())})
-
-    return Validation()
-
-
-def _quiet_first_step():
-    """A callback that filters fd 2 during the first training step only, when TensorFlow's
-    graph passes print oneDNN's DT_INT32 notice (see `millvae.quiet`)."""
-    import keras
-
-    class QuietFirstStep(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.filter = StderrFilter()
-
-        def on_train_begin(self, logs=None):
-            self.filter.start()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.filter.stop()
-
-    return QuietFirstStep()
-
-
 def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
     """Build and train the β-VAE on healthy training windows; early stop on healthy validation."""
     import_tensorflow()
@@ -208,8 +138,8 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
         restore_best_weights=True,
         verbose=0,
     )
-    train_data = _train_dataset(x_train, cfg.batch_size, cfg.seed)
-    quiet = _quiet_first_step()
+    train_data = training_batches(x_train, cfg.batch_size, cfg.seed)
+    quiet = quiet_first_step()
     t0 = time.perf_counter()
     try:
         hist = model.fit(
@@ -218,7 +148,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
             steps_per_epoch=steps_per_epoch(len(x_train), cfg.batch_size),
             callbacks=[
                 quiet,
-                _validation(x_val, cfg.batch_size),  # before the others: they read its val_* logs
+                validation_callback(x_val, cfg.batch_size),  # first: others read val_*
                 stopper,
                 *(callbacks or []),
             ],

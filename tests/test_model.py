@@ -199,7 +199,7 @@ def test_validate_is_evaluate_through_the_scoring_graph():
 
 
 def test_fit_validated_by_callback_equals_fit_with_validation_data():
-    from millvae.train import _validation
+    from millvae.model.pipeline import validation_callback
 
     x = sinusoid_windows(96, 32, 3, seed=4)
     common = dict(epochs=3, batch_size=16, shuffle=False, verbose=0)
@@ -209,7 +209,7 @@ def test_fit_validated_by_callback_equals_fit_with_validation_data():
 
     plain, ours = compiled(), compiled()
     want = plain.fit(x[:64], validation_data=(x[64:],), callbacks=[stop()], **common).history
-    got = ours.fit(x[:64], callbacks=[_validation(x[64:], 16), stop()], **common).history
+    got = ours.fit(x[:64], callbacks=[validation_callback(x[64:], 16), stop()], **common).history
 
     assert got == want
     assert all(np.array_equal(a, b) for a, b in zip(ours.weights, plain.weights, strict=True))

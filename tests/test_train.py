@@ -233,10 +233,10 @@ print(json.dumps(rss))
 def test_each_epoch_of_the_repeated_training_pipeline_is_one_fresh_permutation():
     # fit reads `steps_per_epoch` batches per epoch from one repeated dataset; epochs must not
     # straddle, lose or repeat windows, and each must be shuffled anew (the last batch is short)
-    from millvae.train import _train_dataset
+    from millvae.model.pipeline import training_batches
 
     x = np.arange(10 * 2 * 1, dtype=np.float32).reshape(10, 2, 1)
-    it = iter(_train_dataset(x, batch_size=4, seed=3))
+    it = iter(training_batches(x, batch_size=4, seed=3))
     epochs = []
     for _ in range(3):
         batches = [next(it).numpy() for _ in range(3)]  # ceil(10 / 4)
@@ -245,7 +245,7 @@ def test_each_epoch_of_the_repeated_training_pipeline_is_one_fresh_permutation()
     for order in epochs:
         assert sorted(order.tolist()) == list(range(10))
     assert len({tuple(o.tolist()) for o in epochs}) == 3
-    again = iter(_train_dataset(x, batch_size=4, seed=3))
+    again = iter(training_batches(x, batch_size=4, seed=3))
     assert np.array_equal(
         np.concatenate([next(again).numpy() for _ in range(3)])[:, 0, 0] // 2, epochs[0]
     )

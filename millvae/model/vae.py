@@ -140,54 +140,37 @@ def _tcn(
 
 # Every layer gets an explicit name: weights in a .keras file are matched by name, and
 # auto-generated names depend on what else the loading process has built before.
-def _build_encoder(
-    window_size: int,
-    n_signals: int,
-    codings_size: int,
-    conv_layers: int,
-    filters: int,
-    kernel_size: int,
-    dilations: Sequence[int],
-    bn_momentum: float = 0.99,
-) -> keras.Model:
-    inputs = keras.Input(shape=(window_size, n_signals), name="window")
+def _build_encoder(arch: Architecture) -> keras.Model:
+    filters = arch.start_filter_no
+    inputs = keras.Input(shape=(arch.window_size, arch.n_signals), name="window")
     z = inputs
-    for i in range(conv_layers):
+    for i in range(arch.conv_layers):
         with fused.tcn_conv_layers():
-            z = _tcn(filters, kernel_size, dilations, name=f"encoder_tcn_{i}")(z)
-        z = fused.BATCH_NORM(momentum=bn_momentum, name=f"encoder_batch_norm_{i}")(z)
+            z = _tcn(filters, arch.kernel_size, arch.dilations, name=f"encoder_tcn_{i}")(z)
+        z = fused.BATCH_NORM(momentum=arch.bn_momentum, name=f"encoder_batch_norm_{i}")(z)
         z = keras.layers.MaxPool1D(pool_size=2, name=f"encoder_max_pool_{i}")(z)
     z = keras.layers.Flatten(name="encoder_flatten")(z)
-    mean = keras.layers.Dense(codings_size, name="codings_mean")(z)
-    log_var = keras.layers.Dense(codings_size, name="codings_log_var")(z)
+    mean = keras.layers.Dense(arch.codings_size, name="codings_mean")(z)
+    log_var = keras.layers.Dense(arch.codings_size, name="codings_log_var")(z)
     return keras.Model(inputs, [mean, log_var], name="encoder")
 
 
-def _build_decoder(
-    window_size: int,
-    n_signals: int,
-    codings_size: int,
-    conv_layers: int,
-    filters: int,
-    kernel_size: int,
-    dilations: Sequence[int],
-    final_activation: str,
-    bn_momentum: float = 0.99,
-) -> keras.Model:
-    steps = window_size // 2**conv_layers
-    codings = keras.Input(shape=(codings_size,), name="codings")
+def _build_decoder(arch: Architecture) -> keras.Model:
+    filters = arch.start_filter_no
+    steps = arch.window_size // 2**arch.conv_layers
+    codings = keras.Input(shape=(arch.codings_size,), name="codings")
     x = keras.layers.Dense(filters * steps, activation="selu", name="decoder_dense")(codings)
     x = keras.layers.Reshape((steps, filters), name="decoder_reshape")(x)
-    for i in range(conv_layers):
+    for i in range(arch.conv_layers):
         x = keras.layers.UpSampling1D(size=2, name=f"decoder_up_sampling_{i}")(x)
-        x = fused.BATCH_NORM(momentum=bn_momentum, name=f"decoder_batch_norm_{i}")(x)
+        x = fused.BATCH_NORM(momentum=arch.bn_momentum, name=f"decoder_batch_norm_{i}")(x)
         with fused.tcn_conv_layers():
-            x = _tcn(filters, kernel_size, dilations, name=f"decoder_tcn_{i}")(x)
+            x = _tcn(filters, arch.kernel_size, arch.dilations, name=f"decoder_tcn_{i}")(x)
     outputs = keras.layers.Conv1D(
-        n_signals,
-        kernel_size=kernel_size,
+        arch.n_signals,
+        kernel_size=arch.kernel_size,
         padding="same",
-        activation=final_activation,
+        activation=arch.final_activation,
         name="reconstruction",
     )(x)
     return keras.Model(codings, outputs, name="decoder")
@@ -215,12 +198,8 @@ class BetaVAE(GraphInference, keras.Model):
         super().__init__(**kwargs)
         for name in ARCHITECTURE:  # window_size, n_signals, ... as attributes
             setattr(self, name, getattr(arch, name))
-        shape = (self.window_size, self.n_signals, self.codings_size, self.conv_layers)
-        blocks = (self.start_filter_no, self.kernel_size, self.dilations)
-        self.encoder = _build_encoder(*shape, *blocks, bn_momentum=self.bn_momentum)
-        self.decoder = _build_decoder(
-            *shape, *blocks, self.final_activation, bn_momentum=self.bn_momentum
-        )
+        self.encoder = _build_encoder(arch)
+        self.decoder = _build_decoder(arch)
         # A tracked generator: sampling noise is reproducible, and its state is saved.
         self.noise = keras.random.SeedGenerator(self.seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
