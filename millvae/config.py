@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 from millvae import SIGNAL_NAMES
@@ -185,6 +185,21 @@ def parse_dilations(value: Any) -> tuple[int, ...]:
     return dil
 
 
+def _as_type(f: Field, value: Any) -> Any:
+    """A raw value (a command-line string, or a value) as field `f`'s type; words of a fixed
+    list (`Options` in CONSTRAINTS) lower-cased, other text stripped."""
+    if f.type == "int":
+        return _int(f.name, value)
+    if f.type == "float":
+        return _float(f.name, value)
+    if f.type == "tuple[int, ...]":
+        return parse_dilations(value)
+    if f.name == "labels":  # none given: regions are detected
+        value = value or ""
+    text = str(value).strip()
+    return text.lower() if isinstance(CONSTRAINTS.get(f.name), Options) else text
+
+
 def make_config(**raw: Any) -> TrainConfig:
     """Build and validate a TrainConfig from strings or values (unknown keys are an error)."""
     unknown = sorted(set(raw) - set(PARAM_NAMES))
@@ -192,41 +207,9 @@ def make_config(**raw: Any) -> TrainConfig:
         raise MillvaeError(
             f"unknown parameter(s) {', '.join(unknown)}; expected some of {', '.join(PARAM_NAMES)}"
         )
-    d = {**asdict(TrainConfig()), **raw}
-    cfg = TrainConfig(
-        beta=_float("beta", d["beta"]),
-        codings_size=_int("codings_size", d["codings_size"]),
-        conv_layers=_int("conv_layers", d["conv_layers"]),
-        start_filter_no=_int("start_filter_no", d["start_filter_no"]),
-        kernel_size=_int("kernel_size", d["kernel_size"]),
-        dilations=parse_dilations(d["dilations"]),
-        final_activation=str(d["final_activation"]).strip().lower(),
-        epochs=_int("epochs", d["epochs"]),
-        earlystop_patience=_int("earlystop_patience", d["earlystop_patience"]),
-        batch_size=_int("batch_size", d["batch_size"]),
-        learning_rate=_float("learning_rate", d["learning_rate"]),
-        lr_schedule=str(d["lr_schedule"]).strip().lower(),
-        lr_max=_float("lr_max", d["lr_max"]),
-        lr_cycle_epochs=_int("lr_cycle_epochs", d["lr_cycle_epochs"]),
-        bn_momentum=_float("bn_momentum", d["bn_momentum"]),
-        seed=_int("seed", d["seed"]),
-        data=str(d["data"]).strip(),
-        signals=str(d["signals"]).strip(),
-        labels=str(d["labels"] or "").strip(),
-        window_size=_int("window_size", d["window_size"]),
-        stride=_int("stride", d["stride"]),
-        split=str(d["split"]).strip().lower(),
-        split_seed=_int("split_seed", d["split_seed"]),
-        healthy_max_vb=_float("healthy_max_vb", d["healthy_max_vb"]),
-        failed_min_vb=_float("failed_min_vb", d["failed_min_vb"]),
-        positive=str(d["positive"]).strip().lower(),
-        threshold_method=str(d["threshold_method"]).strip().lower(),
-        threshold_percentile=_float("threshold_percentile", d["threshold_percentile"]),
-        score_samples=_int("score_samples", d["score_samples"]),
-        bootstrap=_int("bootstrap", d["bootstrap"]),
-        experiment=str(d["experiment"]).strip(),
-        max_memory_gb=_float("max_memory_gb", d["max_memory_gb"]),
-    )
+    given = {**asdict(TrainConfig()), **raw}
+    # field order: the first value that is not of its field's type is the one reported
+    cfg = TrainConfig(**{f.name: _as_type(f, given[f.name]) for f in fields(TrainConfig)})
     validate(cfg)
     return cfg
 
