@@ -32,7 +32,7 @@ from millvae.detect.evaluate import (
 from millvae.detect.report import reconstruction_examples, write_outputs
 from millvae.detector import detector_config
 from millvae.errors import ArgParser, MillvaeError
-from millvae.model.pipeline import quiet_first_step, training_batches, validation_callback
+from millvae.pipeline import quiet_first_step, training_batches, validation_callback
 from millvae.quiet import import_tensorflow
 from millvae.runtime import configure_threads, settle_gc
 

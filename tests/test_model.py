@@ -199,7 +199,7 @@ def test_validate_is_evaluate_through_the_scoring_graph():
 
 
 def test_fit_validated_by_callback_equals_fit_with_validation_data():
-    from millvae.model.pipeline import validation_callback
+    from millvae.pipeline import validation_callback
 
     x = sinusoid_windows(96, 32, 3, seed=4)
     common = dict(epochs=3, batch_size=16, shuffle=False, verbose=0)

@@ -233,7 +233,7 @@ print(json.dumps(rss))
 def test_each_epoch_of_the_repeated_training_pipeline_is_one_fresh_permutation():
     # fit reads `steps_per_epoch` batches per epoch from one repeated dataset; epochs must not
     # straddle, lose or repeat windows, and each must be shuffled anew (the last batch is short)
-    from millvae.model.pipeline import training_batches
+    from millvae.pipeline import training_batches
 
     x = np.arange(10 * 2 * 1, dtype=np.float32).reshape(10, 2, 1)
     it = iter(training_batches(x, batch_size=4, seed=3))
