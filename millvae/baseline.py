@@ -1,5 +1,8 @@
 """The `baseline` entry point: cheap non-deep detectors with the same data and the same metrics.
 
+With `split_seeds` (e.g. `all` under `split=casefold`) one child run per fold and the pooled
+out-of-fold figures on the parent, as `repeat` does for the β-VAE.
+
 Every β-VAE run should be read next to what a few lines of scikit-learn achieve on the same
 windows: PCA reconstruction error on the flattened healthy training windows, and an Isolation Forest
 on simple per-window features. Both also get condition-aware scores, exactly like the VAE's.
@@ -7,6 +10,7 @@ on simple per-window features. Both also get condition-aware scores, exactly lik
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -15,13 +19,17 @@ import pandas as pd
 
 from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PREP_PARAMS, make_config
+from millvae.crossval import covers_every_fold, parse_seeds, record_pooled
+from millvae.data.mat import load_mill
 from millvae.data.prepare import prepare
-from millvae.detect.baselines import iforest_scores, pca_scores
+from millvae.data.sources import resolve_data
+from millvae.detect.baselines import iforest_scores, pca_scores, time_in_use
 from millvae.detect.evaluate import add_condition_scores, evaluate_run
+from millvae.detect.pooled import fold_scores
 from millvae.detect.report import write_outputs
 from millvae.errors import ArgParser, MillvaeError
 
-BASELINE_SCORES = ("pca", "iforest", "pca_cond", "iforest_cond")
+BASELINE_SCORES = ("pca", "iforest", "pca_cond", "iforest_cond", "time_in_use")
 # the TrainConfig fields that shape data preparation and evaluation (the rest describe the VAE)
 SHARED_PARAMS = (
     *PREP_PARAMS,
@@ -34,25 +42,37 @@ SHARED_PARAMS = (
 )
 
 
-def run_baseline(cfg, pca_variance: float = 0.95, n_estimators: int = 200) -> str:
-    """One MLflow run with both baselines' metrics, plots and per-window scores."""
-    name = f"baseline_pca-{pca_variance:g}_iforest-{n_estimators}_split-{cfg.split}"
-    with tracking.tracked_run(cfg, run_name=name, tags={"model_type": "baseline"}) as run:
+def baseline_scores(prepared, cfg, pca_variance: float, n_estimators: int):
+    """Every baseline score of every window, and the figures of the fit."""
+    t0 = time.perf_counter()
+    fit = prepared.get("train", slim=True)
+    pca, n_comp = pca_scores(fit, prepared.x, pca_variance, cfg.seed)
+    forest = iforest_scores(fit, prepared.x, n_estimators, cfg.seed)
+    raw = pd.DataFrame({"pca": pca, "iforest": forest})
+    windows = prepared.windows.reset_index(drop=True)
+    scores, _ = add_condition_scores(raw, windows, ["pca", "iforest"])
+    # No model at all: failed cuts are the last cuts of their tool (run-to-failure), so the cut's
+    # run number ranks them; every detector has to beat this.
+    scores["time_in_use"] = time_in_use(windows)
+    return scores, {"pca_components": n_comp, "fit_seconds": time.perf_counter() - t0}
+
+
+def run_baseline(
+    cfg, pca_variance: float = 0.95, n_estimators: int = 200, *, prepared=None, nested=False
+):
+    """One MLflow run with every baseline's metrics, plots and per-window scores; its run id and
+    Evaluation."""
+    name = f"baseline_pca-{pca_variance:g}_iforest-{n_estimators}_{_split_label(cfg)}"
+    with tracking.tracked_run(
+        cfg, run_name=name, nested=nested, tags={"model_type": "baseline"}
+    ) as run:
         params = {k: v for k, v in cfg.to_params().items() if k in SHARED_PARAMS}
         params.update(pca_variance=str(pca_variance), n_estimators=str(n_estimators))
         tracking.log_params_once(params)
         tracking.set_tags({"model_type": "baseline"})
-        prepared = prepare(cfg)
+        prepared = prepared if prepared is not None else prepare(cfg)
         tracking.log_data(prepared)
-        t0 = time.perf_counter()
-        fit = prepared.get("train", slim=True)
-        pca, n_comp = pca_scores(fit, prepared.x, pca_variance, cfg.seed)
-        forest = iforest_scores(fit, prepared.x, n_estimators, cfg.seed)
-        raw = pd.DataFrame({"pca": pca, "iforest": forest})
-        scores, _ = add_condition_scores(
-            raw, prepared.windows.reset_index(drop=True), ["pca", "iforest"]
-        )
-        extra = {"pca_components": n_comp, "fit_seconds": time.perf_counter() - t0}
+        scores, extra = baseline_scores(prepared, cfg, pca_variance, n_estimators)
         ev = evaluate_run(scores, prepared, BASELINE_SCORES, cfg, extra)
         with tempfile.TemporaryDirectory() as tmp:
             title = f"{name} | {prepared.data_source} data"
@@ -64,7 +84,40 @@ def run_baseline(cfg, pca_variance: float = 0.95, n_estimators: int = 200) -> st
             if f"test_ap_{s}" in ev.metrics
         )
         print(f"millvae baseline: run {run.info.run_id}: test AP {summary}")
-        return run.info.run_id
+        return run.info.run_id, ev
+
+
+def _split_label(cfg) -> str:
+    if cfg.split == "casefold":
+        return f"split-casefold{cfg.folds}-f{cfg.split_seed}"
+    return f"split-{cfg.split}"
+
+
+def run_baseline_folds(cfg, seeds: list[int], pca_variance: float, n_estimators: int) -> str:
+    """A parent run with one child per split seed; under split=casefold with every fold, the
+    pooled out-of-fold figures on the parent, exactly as `repeat` logs them for a β-VAE."""
+    name = f"baseline_pca-{pca_variance:g}_iforest-{n_estimators}_split-{cfg.split}_folds"
+    with tracking.tracked_run(cfg, run_name=name, tags={"model_type": "baseline"}) as parent:
+        params = {k: v for k, v in cfg.to_params().items() if k in SHARED_PARAMS}
+        params.update(
+            pca_variance=str(pca_variance),
+            n_estimators=str(n_estimators),
+            split_seeds=",".join(map(str, seeds)),
+        )
+        tracking.start_record(params, model_type="baseline")
+        data_file = resolve_data(cfg.data)
+        mill = load_mill(data_file.path, cfg.signals)  # loaded once, prepared per seed
+        folds = []
+        for seed in seeds:
+            child_cfg = dataclasses.replace(cfg, split_seed=seed)
+            prepared = prepare(child_cfg, mill=mill, data_file=data_file)
+            _, ev = run_baseline(
+                child_cfg, pca_variance, n_estimators, prepared=prepared, nested=True
+            )
+            folds.append(fold_scores(seed, ev, prepared.windows))
+        if covers_every_fold(cfg, seeds):
+            record_pooled(folds, BASELINE_SCORES, cfg, "baseline")
+        return parent.info.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", default=PARAM_DEFAULTS[name], help=PARAM_HELP[name])
     p.add_argument("--pca_variance", default="0.95", help="explained variance kept by the PCA")
     p.add_argument("--n_estimators", default="200", help="trees of the Isolation Forest")
+    p.add_argument(
+        "--split_seeds",
+        default="",
+        help="empty: one run at split_seed; seeds or 'all' (every casefold fold): a child run "
+        "each, pooled out-of-fold figures on the parent",
+    )
     args = vars(p.parse_args(argv))
+    seeds_text = str(args.pop("split_seeds")).strip()
     try:
         variance = float(args.pop("pca_variance"))
         trees = int(float(args.pop("n_estimators")))
@@ -84,5 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     if trees < 1:
         raise MillvaeError(f"n_estimators: expected >= 1; got {trees}")
     cfg = make_config(**args)
-    run_baseline(cfg, variance, trees)
+    if not seeds_text:
+        run_baseline(cfg, variance, trees)
+        return 0
+    if cfg.split == "window":
+        raise MillvaeError(
+            "split_seeds: split=window always uses the seed's fixed random states; use "
+            "split=casefold, case or cut"
+        )
+    run_baseline_folds(cfg, parse_seeds(seeds_text, cfg, default=None), variance, trees)
     return 0

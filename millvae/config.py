@@ -20,10 +20,11 @@ from millvae.memory import available_gb, estimate
 
 FINAL_ACTIVATIONS = ("sigmoid", "selu")
 DATA_KEYWORDS = ("auto", "nasa", "synthetic")
-SPLITS = ("window", "case", "cut")
+SPLITS = ("window", "case", "cut", "casefold")
 POSITIVES = ("failed", "worn")
 THRESHOLD_METHODS = ("f1", "percentile")
 LR_SCHEDULES = ("constant", "onecycle")
+DETECTORS = ("vae", "combined")
 # Upper bounds: no single parameter may exhaust the machine or overflow what consumes it. Sizes
 # beyond them are refused; within them `check_memory` has the last word.
 MAX_CODINGS = 4096
@@ -35,6 +36,7 @@ MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # NumPy's and TensorFlow's seeds are 32-bit
 MAX_SCORE_SAMPLES = 100
 MAX_BOOTSTRAP = 100_000
+MAX_FOLDS = 64  # the data set has 7 failing tools; a fold per tool is the most that can be
 
 
 def _p(default: Any, help: str) -> Any:
@@ -66,14 +68,23 @@ class TrainConfig:
     labels: str = _p("", "labels CSV (seed format) | seed (the seed's, fetched) | empty = detect")
     window_size: int = _p(64, "samples per window; divisible by 2**conv_layers")
     stride: int = _p(64, "samples between window starts")
-    split: str = _p("window", "window (seed protocol, leaks) | case (leak-free) | cut")
-    split_seed: int = _p(0, "seed of the case/cut splits (split=window uses the seed's 15/10)")
+    split: str = _p(
+        "window", "window (seed protocol, leaks) | case (leak-free) | cut | casefold (tool folds)"
+    )
+    split_seed: int = _p(
+        0, "seed of the case/cut splits; split=casefold: the fold, 0..folds-1 (window: 15/10)"
+    )
+    folds: int = _p(4, "split=casefold: folds of the failing tools, each tested in one fold")
     healthy_max_vb: float = _p(0.2, "flank wear (mm) below which a tool is healthy")
     failed_min_vb: float = _p(0.7, "flank wear (mm) from which a tool is failed")
     positive: str = _p("failed", "positive class of the detection metrics: failed | worn")
     threshold_method: str = _p("f1", "threshold chosen on validation: f1 | percentile")
     threshold_percentile: float = _p(99.0, "percentile of healthy validation scores (percentile)")
     score_samples: int = _p(0, "0: decode the mean coding; K: average K sampled reconstructions")
+    detector: str = _p(
+        "vae",
+        "vae: decide on the β-VAE's best validation score | combined: VAE + PCA (combined_cond)",
+    )
     bootstrap: int = _p(1000, "bootstrap resamples (over cuts) of the test AP interval; 0 = none")
     experiment: str = _p("millvae", "MLflow experiment name")
     max_memory_gb: float = _p(
@@ -105,6 +116,8 @@ class TrainConfig:
         seed), data source once known (real / synthetic), and epochs when capped below the
         default, e.g. ``bvae_..._sigmoid_case-s1_real_ep3``."""
         split = self.split if self.split == "window" else f"{self.split}-s{self.split_seed}"
+        if self.split == "casefold":
+            split = f"casefold{self.folds}-f{self.split_seed}"
         parts = [self.model_name(), split]
         if data_source:
             parts.append(data_source)
@@ -134,6 +147,7 @@ PREP_PARAMS = (
     "stride",
     "split",
     "split_seed",
+    "folds",
     "healthy_max_vb",
     "failed_min_vb",
 )
@@ -350,6 +364,16 @@ def _wear_bands(cfg: TrainConfig) -> str | None:
     )
 
 
+def _fold(cfg: TrainConfig) -> str | None:
+    """Reads split and folds: under split=casefold the split seed names one of the folds."""
+    if cfg.split != "casefold" or cfg.split_seed < cfg.folds:
+        return None
+    return (
+        f"split_seed: expected a fold 0..{cfg.folds - 1} under split=casefold with "
+        f"folds={cfg.folds}; got {cfg.split_seed}"
+    )
+
+
 def _experiment(cfg: TrainConfig) -> str | None:
     return None if cfg.experiment else "experiment: expected a non-empty MLflow experiment name"
 
@@ -409,11 +433,14 @@ CONSTRAINTS: dict[str, Constraint] = {
     "kernel_size": Interval(int, 1, Ref("window_size")),
     "dilations": Custom(_dilations),
     "split": Options(SPLITS),
+    "folds": Interval(int, 2, MAX_FOLDS),
+    "split_seed/folds": Custom(_fold),
     "healthy_max_vb": Custom(_wear_bands),
     "positive": Options(POSITIVES),
     "threshold_method": Options(THRESHOLD_METHODS),
     "threshold_percentile": Interval(float, 0, 100, closed="neither", label="p"),
     "score_samples": Interval(int, 0, MAX_SCORE_SAMPLES),
+    "detector": Options(DETECTORS),
     "bootstrap": Interval(int, 0, MAX_BOOTSTRAP),
     "max_memory_gb": Interval(float, 0, None),
     "experiment": Custom(_experiment),

@@ -19,6 +19,9 @@ Output: one row per window with
     mse_cond, kl_cond        the same relative to healthy windows of the window's condition (NaN
                              in process, null when served, when no condition is given)
     mse_<signal>             reconstruction error per signal
+    lat, pca, combined       detector=combined only: the coding's Mahalanobis distance from the
+    (and their _cond)        healthy codings, PCA's reconstruction error, and the mean of the
+                             mse, lat and pca z-scores (`detect.scoring.COMBINED_PARTS`)
     score, score_name        the score decided on and its name ("kl_cond", or "kl" without a
                              condition when the decision score is condition-aware)
     threshold                its validation threshold
@@ -73,10 +76,15 @@ from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, E
 
 import millvae
 from millvae.data.windows import MinMaxScaler
+from millvae.detect.baselines import pca_error
 from millvae.detect.scoring import (
+    COMBINED_PARTS,
     CONDITION_COLUMNS,
+    SCORE_BATCH,
     ConditionNormalizer,
+    combined_scores,
     condition_keys,
+    latent_distance,
     window_scores,
 )
 from millvae.errors import MillvaeError
@@ -90,7 +98,10 @@ __all__ = [
 ]
 
 CONFIG_FORMAT = "millvae-detector/1"
-DECISION_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
+DECISION_SCORES = ("mse", "kl", "mse_cond", "kl_cond", "combined", "combined_cond")
+# scores only a detector=combined model computes (its config carries the PCA and the healthy
+# codings' mean and precision)
+COMBINED_ONLY = ("lat", "lat_cond", "pca", "pca_cond", "combined", "combined_cond")
 # Limits of a served request (`mlflow models serve`), read from the environment at model load.
 # 16 MiB holds 1,400 (float64 digits) to 2,300 (float32 digits) windows of 64 rows x 9 columns.
 MAX_BODY_ENV, MAX_BODY_BYTES = "MILLVAE_MAX_BODY_BYTES", 16 * 1024 * 1024
@@ -136,6 +147,7 @@ def detector_config(
     score_samples: int = 0,
     data_source: str = "real",
     score_seed: int = 0,
+    references: dict | None = None,
 ) -> dict:
     """Everything besides the Keras model that the detector needs, as a JSON-able dict.
 
@@ -150,11 +162,20 @@ def detector_config(
             f"decision_score: expected one of {', '.join(DECISION_SCORES)}; got {decision_score!r}"
         )
     needed = [decision_score]
+    combined = decision_score.startswith("combined")
+    if combined and not (references and {"pca", "latent"} <= set(references)):
+        raise MillvaeError(
+            f"references: expected the PCA and the healthy codings of a detector=combined run "
+            f"(the decision score is {decision_score}); got {sorted(references or {}) or 'none'}"
+        )
+    stats = list(COMBINED_PARTS) if combined else []
     if decision_score.endswith("_cond"):
         needed.append(_raw_name(decision_score))
-        if _raw_name(decision_score) not in normalizer.stats:
+        stats = stats or [_raw_name(decision_score)]
+    for name in stats:
+        if name not in normalizer.stats:
             raise MillvaeError(
-                f"normalizer: expected statistics for {_raw_name(decision_score)!r} (the decision "
+                f"normalizer: expected statistics for {name!r} (the decision "
                 f"score is {decision_score}); it has {', '.join(normalizer.stats) or 'none'}"
             )
     for name in needed:
@@ -166,7 +187,9 @@ def detector_config(
             )
     if int(score_samples) < 0:
         raise MillvaeError(f"score_samples: expected an integer >= 0; got {score_samples!r}")
+    extra = {} if not references else {"pca": references["pca"], "latent": references["latent"]}
     return {
+        **extra,
         "format": CONFIG_FORMAT,
         "millvae_version": millvae.__version__,
         "signal_names": list(scaler.signal_names),
@@ -393,8 +416,8 @@ def score_raw(
     """Scores and decisions for raw windows (see the module docstring for inputs and columns).
 
     Scales with the stored scaler, then `window_scores` and `ConditionNormalizer.transform`: the
-    same path as the training run's evaluation. Every score is finite, or it raises; only mse_cond
-    and kl_cond are NaN, when no condition is given.
+    same path as the training run's evaluation. Every score is finite, or it raises; only the
+    `_cond` scores are NaN, when no condition is given.
     """
     windows, cond = raw_windows(raw, config, conditions, max_windows)
     signals = list(config["signal_names"])
@@ -409,6 +432,12 @@ def score_raw(
             samples=int(config.get("score_samples", 0)),
             seed=int(config.get("score_seed", 0)),
         )
+    with_refs = "pca" in config
+    if with_refs:
+        scores["pca"] = pca_error(config["pca"], x)
+        scores["lat"] = latent_distance(
+            config["latent"], keras_model.encode(x, batch_size=SCORE_BATCH)[0]
+        )
     normalizer = ConditionNormalizer.from_dict(config["normalizer"])
     cond_scores = normalizer.transform(scores, cond)
 
@@ -417,6 +446,12 @@ def score_raw(
         out[name] = cond_scores[name] if name in cond_scores else np.nan
     for s in signals:
         out[f"mse_{s}"] = scores[f"mse_{s}"]
+    if with_refs:
+        for name in ("lat", "pca"):
+            out[name] = scores[name]
+            out[f"{name}_cond"] = cond_scores[f"{name}_cond"] if cond is not None else np.nan
+        both = combined_scores(normalizer, scores, cond)
+        out["combined"], out["combined_cond"] = both["combined"], both["combined_cond"]
     _finite_scores_or_raise(out, cond is not None)
     _decide(out, config, normalizer, cond)
     return out
@@ -460,13 +495,15 @@ def _decide(
     out["is_anomaly"] = score >= float(thresholds[used])
     warnings = [warning] * len(out)
     if decision.endswith("_cond") and cond is not None:
-        warnings = _unseen_condition_warnings(normalizer, _raw_name(decision), cond)
+        # the combined score's parts were all fitted on the same healthy windows
+        stats_name = "pca" if decision.startswith("combined") else _raw_name(decision)
+        warnings = _unseen_condition_warnings(normalizer, stats_name, cond, decision)
     # object, not pandas' string dtype, which would turn None into NaN
     out["warning"] = pd.Series(warnings, index=out.index, dtype=object)
 
 
 def _unseen_condition_warnings(
-    normalizer: ConditionNormalizer, raw_score: str, cond: pd.DataFrame
+    normalizer: ConditionNormalizer, raw_score: str, cond: pd.DataFrame, decision: str
 ) -> list[str | None]:
     """A warning for each window whose condition the normalizer never saw healthy, else None."""
     known = normalizer.stats[raw_score]
@@ -475,7 +512,7 @@ def _unseen_condition_warnings(
         if key in known
         else (
             f"condition {key} (DOC|feed|material) was not seen healthy in training: "
-            f"{raw_score}_cond compares the window with all healthy windows"
+            f"{decision} compares the window with all healthy windows"
         )
         for key in condition_keys(cond)
     ]
@@ -690,6 +727,8 @@ def detector_signature(config: dict) -> Any:
         + [ColSpec("double", c, required=False) for c in CONDITION_COLUMNS]
     )
     score_cols = ["mse", "kl", "mse_cond", "kl_cond", *[f"mse_{s}" for s in signals]]
+    if "pca" in config:
+        score_cols += list(COMBINED_ONLY)
     outputs = Schema(
         [ColSpec("double", c) for c in [*score_cols, "score"]]
         + [ColSpec("string", "score_name"), ColSpec("double", "threshold")]

@@ -55,11 +55,12 @@ _ALIAS = re.compile(r"^[\w\-]+$")
 # Which runs are compared: figures of the seed's window split (windows of one cut in training and
 # test) are not comparable with those of whole held-out tools or cuts.
 PROTOCOLS = {
-    "leak-free": ("case", "cut"),
+    "leak-free": ("case", "casefold", "cut"),
     "case": ("case",),
+    "casefold": ("casefold",),
     "cut": ("cut",),
     "window": ("window",),
-    "any": ("window", "case", "cut"),
+    "any": ("window", "case", "casefold", "cut"),
 }
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
@@ -502,8 +503,8 @@ def _parser() -> ArgParser:
     p.add_argument(
         "--protocol",
         default=DEFAULTS["protocol"],
-        help="which runs compete: leak-free (split=case or cut), case, cut, window (the seed's, "
-        "leaky) or any",
+        help="which runs compete: leak-free (split=case, casefold or cut), case, casefold, cut, "
+        "window (the seed's, leaky) or any",
     )
     return p
 

@@ -1,4 +1,5 @@
-"""The `repeat` entry point: one configuration over several split seeds, mean ± spread.
+"""The `repeat` entry point: one configuration over several split seeds, mean ± spread; under
+`split=casefold` every fold, with the out-of-fold test scores pooled into one figure.
 
 Only 12 cuts of 7 tools ever fail, so a leak-free test figure from one split moves a lot with the
 tools that happen to be tested. `repeat` trains the same configuration once per `split_seed` (child
@@ -17,9 +18,11 @@ import pandas as pd
 
 from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
+from millvae.crossval import covers_every_fold, parse_seeds, record_pooled
 from millvae.data.mat import load_mill
 from millvae.data.prepare import prepare
 from millvae.data.sources import resolve_data
+from millvae.detect.pooled import fold_scores
 from millvae.errors import ArgParser, MillvaeError
 from millvae.train import train_run
 
@@ -29,18 +32,6 @@ SUMMARY_METRICS = (
     "best_val_loss",
     "epochs_trained",
 )
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError:
-        raise MillvaeError(
-            f"split_seeds: expected comma-separated integers; got {text!r}"
-        ) from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise MillvaeError(f"split_seeds: expected distinct integers >= 0; got {text!r}")
-    return seeds
 
 
 def summarize(per_seed: pd.DataFrame) -> dict[str, float]:
@@ -60,7 +51,8 @@ def summarize(per_seed: pd.DataFrame) -> dict[str, float]:
 def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFrame]:
     if cfg.split == "window":
         raise MillvaeError(
-            "repeat: split=window always uses the seed's fixed random states; use split=case or cut"
+            "repeat: split=window always uses the seed's fixed random states; use split=casefold, "
+            "case or cut"
         )
     name = f"repeat_{cfg.model_name()}_split-{cfg.split}_seeds-{'-'.join(map(str, seeds))}"
     with tracking.tracked_run(cfg, run_name=name, tags={"model_type": "repeat"}) as parent:
@@ -68,12 +60,15 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
         tracking.start_record({**cfg.to_params(), **seeds_param}, model_type="repeat")
         data_file = resolve_data(cfg.data)
         mill = load_mill(data_file.path, cfg.signals)  # loaded once, prepared per seed
-        rows = []
+        rows, folds = [], []
         for seed in seeds:
             child_cfg = dataclasses.replace(cfg, split_seed=seed)
             prepared = prepare(child_cfg, mill=mill, data_file=data_file)
             res = train_run(child_cfg, prepared=prepared, nested=True, verbose=verbose)
             m = tracking.run_metrics(res.run_id)
+            if res.evaluation is not None:
+                folds.append(fold_scores(seed, res.evaluation, prepared.windows))
+                score_names = res.evaluation.score_names
             rows.append(
                 {
                     "split_seed": seed,
@@ -85,6 +80,8 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
         table = pd.DataFrame(rows)
         stats = summarize(table.drop(columns=["split_seed", "run_id"]))
         tracking.log_metrics(stats)
+        if covers_every_fold(cfg, seeds) and len(folds) == len(seeds):
+            record_pooled(folds, score_names, cfg, "repeat")
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / "per_seed.csv", index=False)
             tracking.log_files(Path(tmp), {"per_seed.csv": None})
@@ -103,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in PARAM_NAMES:
         default = "case" if name == "split" else PARAM_DEFAULTS[name]
         p.add_argument(f"--{name}", default=default, help=PARAM_HELP[name])
-    p.add_argument("--split_seeds", default="0,1,2", help="comma-separated split seeds")
+    p.add_argument(
+        "--split_seeds",
+        default="",
+        help="comma-separated split seeds; empty: every fold (split=casefold), else 0,1,2",
+    )
     p.add_argument("--quiet", action="store_true")
     args = vars(p.parse_args(argv))
-    seeds = parse_seeds(args.pop("split_seeds"))
+    seeds_text = args.pop("split_seeds")
     quiet = args.pop("quiet")
     cfg = make_config(**args)
+    seeds = parse_seeds(seeds_text, cfg, default=[0, 1, 2])
     run_repeat(cfg, seeds, verbose=0 if quiet else 2)
     return 0

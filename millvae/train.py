@@ -24,8 +24,10 @@ from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, TrainConfig,
 from millvae.data.prepare import Prepared, prepare, why_no_detection
 from millvae.detect import plots
 from millvae.detect.evaluate import (
+    COMBINED_SCORES,
     VAE_SCORES,
     Evaluation,
+    combined_detector_scores,
     evaluate_run,
     vae_scores,
 )
@@ -260,11 +262,16 @@ def _record_training(result: TrainResult) -> None:
 def evaluate_model(model, prepared: Prepared, cfg: TrainConfig) -> Evaluation:
     """Score every window; record the detection metrics, plots, scores and the pyfunc detector."""
     t0 = time.perf_counter()
-    scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
-    ev = evaluate_run(
-        scores, prepared, VAE_SCORES, cfg, {"scoring_seconds": time.perf_counter() - t0}
-    )
-    ev.normalizer = normalizer
+    references = None
+    if cfg.detector == "combined":
+        scores, normalizer, references = combined_detector_scores(
+            model, prepared, cfg.score_samples, cfg.seed
+        )
+    else:
+        scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
+    names = COMBINED_SCORES if cfg.detector == "combined" else VAE_SCORES
+    ev = evaluate_run(scores, prepared, names, cfg, {"scoring_seconds": time.perf_counter() - t0})
+    ev.normalizer, ev.references = normalizer, references
     with tempfile.TemporaryDirectory() as tmp:
         title = f"{cfg.model_name()} | split={cfg.split} | {prepared.data_source} data"
         examples = reconstruction_examples(model, prepared, scores)
@@ -301,6 +308,7 @@ def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev: Evaluation):
         score_samples=cfg.score_samples,
         data_source=prepared.data_source,
         score_seed=cfg.seed,
+        references=ev.references,
     )
     conditions = prepared.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
     return tracking.log_detector(

@@ -97,7 +97,7 @@ def test_baseline_entry_logs_the_same_metrics(tracking, synthetic_mat):
     from millvae.baseline import run_baseline
 
     cfg = make_config(data=str(synthetic_mat), split="case", bootstrap=100)
-    run_id = run_baseline(cfg, 0.95, 50)
+    run_id, _ = run_baseline(cfg, 0.95, 50)
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["model_type"] == "baseline"
     assert run.data.tags["data_source"] == "synthetic"

@@ -13,7 +13,7 @@ from .conftest import REPO
 
 # `repeat` sets split_seed itself, once per seed of its own split_seeds, and defaults to the
 # leak-free split (split=window has no split seed to repeat over).
-REPEAT_EXTRA = {"split_seeds": "0,1,2"}
+REPEAT_EXTRA = {"split_seeds": ""}  # empty: every fold (casefold), else 0,1,2
 REPEAT_OMITS = {"split_seed"}
 REPEAT_DEFAULTS = {"split": "case"}
 

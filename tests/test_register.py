@@ -207,7 +207,7 @@ def test_by_default_only_leak_free_runs_compete(tracking, capsys):
     assert result.run_id == fair and result.protocol == "leak-free"
     assert result.skipped_protocol == 1
     assert result.version_tags["split"] == "case"
-    assert "protocol: leak-free (split=case/cut)" in result.summary()
+    assert "protocol: leak-free (split=case/casefold/cut)" in result.summary()
     assert "1 of another protocol" in result.summary()
     seed = register_best(protocol="window", model_name="millvae-seed")
     assert seed.run_id == leaky and seed.skipped_protocol == 1
@@ -217,7 +217,10 @@ def test_by_default_only_leak_free_runs_compete(tracking, capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--protocol", "leaky"], "protocol: expected one of leak-free, case, cut, window, any"),
+        (
+            ["--protocol", "leaky"],
+            "protocol: expected one of leak-free, case, casefold, cut, window, any",
+        ),
         ([], "pass protocol=window to compare those"),
         (["--protocol", "cut"], "protocol: expected runs with split=cut (cut)"),
         (["--metric", "test_ap_kl"], "selection uses validation metrics only"),

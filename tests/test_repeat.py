@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from millvae.config import make_config
+from millvae.crossval import parse_seeds
 from millvae.errors import MillvaeError
-from millvae.repeat import parse_seeds, run_repeat, summarize
+from millvae.repeat import run_repeat, summarize
 
 
 def test_summary_is_mean_std_min_max():
@@ -22,10 +23,22 @@ def test_summary_is_mean_std_min_max():
 
 
 def test_bad_seed_lists():
-    assert parse_seeds("0, 1,2") == [0, 1, 2]
-    for bad in ("", "1,1", "a,b", "-1"):
+    case = make_config(split="case")
+    assert parse_seeds("0, 1,2", case, default=None) == [0, 1, 2]
+    assert parse_seeds("", case, default=[0, 1, 2]) == [0, 1, 2]
+    for bad in ("1,1", "a,b", "-1", "all"):
         with pytest.raises(MillvaeError, match="split_seeds"):
-            parse_seeds(bad)
+            parse_seeds(bad, case, default=[0, 1, 2])
+    with pytest.raises(MillvaeError, match="split_seeds"):
+        parse_seeds("", case, default=None)  # baseline: no seeds means no repetition
+
+
+def test_casefold_seeds_are_the_folds():
+    cfg = make_config(split="casefold", folds=3)
+    assert parse_seeds("", cfg, default=[0, 1, 2, 3]) == [0, 1, 2]
+    assert parse_seeds("all", cfg, default=None) == [0, 1, 2]
+    with pytest.raises(MillvaeError, match=r"split_seeds: expected folds 0\.\.2"):
+        parse_seeds("0,3", cfg, default=None)
 
 
 @pytest.mark.slow

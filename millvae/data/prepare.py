@@ -20,6 +20,7 @@ from millvae.data.windows import (
     interpolate_flank_wear,
     read_labels,
     regions_from_labels,
+    split_casefold,
     split_cases,
     split_cuts,
     split_windows,
@@ -156,7 +157,7 @@ def _window_table(cut_meta: pd.DataFrame, starts: np.ndarray) -> pd.DataFrame:
 
 
 def _split(y: np.ndarray, cuts: pd.DataFrame, rows: np.ndarray, cfg: TrainConfig) -> np.ndarray:
-    """Each window's split: per window (the seed's, leaky), per tool or per cut."""
+    """Each window's split: per window (the seed's, leaky), per tool, per tool fold or per cut."""
     if cfg.split == "window":
         present = np.bincount(y, minlength=3)
         if (present[present > 0] < 4).any():
@@ -168,6 +169,10 @@ def _split(y: np.ndarray, cuts: pd.DataFrame, rows: np.ndarray, cfg: TrainConfig
     if cfg.split == "case":
         per_cut = split_cases(
             cuts["case"].to_numpy(), cuts["tool_class"].to_numpy(), cfg.split_seed
+        )
+    elif cfg.split == "casefold":
+        per_cut = split_casefold(
+            cuts["case"].to_numpy(), cuts["tool_class"].to_numpy(), cfg.folds, cfg.split_seed
         )
     else:
         per_cut = split_cuts(cuts["tool_class"].to_numpy(), cfg.split_seed)

@@ -264,6 +264,51 @@ def split_cases(cut_case: np.ndarray, cut_class: np.ndarray, split_seed: int) ->
     return np.array([assign[c] for c in cut_case], dtype=object)
 
 
+def casefold_assignment(cut_case: np.ndarray, cut_class: np.ndarray, folds: int) -> dict:
+    """Failing tool -> its test fold (0..folds-1), the same for every fold of one data set.
+
+    Tools are placed largest first (by failed cuts, then case number) into the fold holding the
+    fewest failed cuts so far, so that one tool with many failures (case 13 holds 5 of the 12) does
+    not leave another fold with almost none; no random state, so fold k is fold k everywhere.
+    """
+    cases = np.unique(cut_case)
+    failed = {c: int((cut_class[cut_case == c] == FAILED).sum()) for c in cases}
+    failing = [c for c in cases if failed[c] > 0]
+    if len(failing) < folds:
+        raise MillvaeError(
+            f"split=casefold: expected at least folds={folds} tools that reach failure, one per "
+            f"test fold; found {len(failing)} ({', '.join(map(str, failing)) or 'none'}): "
+            f"lower folds to <= {max(len(failing), 2)}"
+        )
+    if len(failing) == len(cases):
+        raise MillvaeError(
+            "split=casefold: expected some tools that never fail to train on; found none"
+        )
+    load = [0] * folds
+    size = [0] * folds
+    assign = {}
+    for c in sorted(failing, key=lambda c: (-failed[c], c)):
+        k = min(range(folds), key=lambda k: (load[k], size[k], k))
+        assign[c] = k
+        load[k] += failed[c]
+        size[k] += 1
+    return assign
+
+
+def split_casefold(
+    cut_case: np.ndarray, cut_class: np.ndarray, folds: int, fold: int
+) -> np.ndarray:
+    """Leak-free cross-validation over tools: fold `fold` tests its failing tools; every other
+    failing tool validates (thresholds and selection see failures); tools that never fail train."""
+    if not 0 <= fold < folds:
+        raise MillvaeError(f"split=casefold: expected a fold 0..{folds - 1}; got {fold}")
+    assign = casefold_assignment(cut_case, cut_class, folds)
+    out = np.full(len(cut_case), "train", dtype=object)
+    for c, k in assign.items():
+        out[cut_case == c] = "test" if k == fold else "val"
+    return out
+
+
 def split_cuts(cut_class: np.ndarray, split_seed: int) -> np.ndarray:
     """Whole cuts to one split, stratified by tool class (0.33 held out, then halved)."""
     idx = np.arange(len(cut_class))

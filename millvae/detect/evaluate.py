@@ -14,9 +14,22 @@ import pandas as pd
 
 from millvae.data.prepare import Prepared
 from millvae.detect import metrics as M
-from millvae.detect.scoring import CONDITION_COLUMNS, ConditionNormalizer, window_scores
+from millvae.detect.baselines import fit_pca, pca_error
+from millvae.detect.scoring import (
+    CONDITION_COLUMNS,
+    ConditionNormalizer,
+    combined_scores,
+    latent_scores,
+    window_scores,
+)
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
+# detector=combined: PCA's reconstruction error beside the VAE's, and the two averaged
+COMBINED_SCORES = (
+    *VAE_SCORES,
+    *("lat", "lat_cond", "pca", "pca_cond", "combined", "combined_cond"),
+)
+PCA_VARIANCE = 0.95
 
 
 @dataclass
@@ -29,6 +42,8 @@ class Evaluation:
     scores: pd.DataFrame  # one row per window of the prepared data, every score column
     score_names: tuple[str, ...]
     normalizer: ConditionNormalizer | None = None
+    # detector=combined: the references the combined score needs ({"pca": ..., "latent": ...})
+    references: dict | None = None
 
 
 def healthy_fit_mask(windows: pd.DataFrame) -> np.ndarray:
@@ -53,6 +68,21 @@ def vae_scores(model, prepared: Prepared, samples: int = 0, seed: int = 0):
     """mse, kl (+ per-signal errors) and their condition-aware versions for every window."""
     raw = window_scores(model, prepared.x, prepared.signal_names, samples=samples, seed=seed)
     return add_condition_scores(raw, prepared.windows.reset_index(drop=True), ["mse", "kl"])
+
+
+def combined_detector_scores(model, prepared: Prepared, samples: int = 0, seed: int = 0):
+    """The VAE's scores and its latent distance, PCA's (both references fitted on the healthy
+    training windows) and `combined(_cond)`; the normalizer and the references (`pca`, `latent`),
+    which the served detector needs."""
+    raw = window_scores(model, prepared.x, prepared.signal_names, samples=samples, seed=seed)
+    fit = prepared.mask("train", slim=True)
+    raw["lat"], latent = latent_scores(model, prepared.x, fit)
+    pca = fit_pca(prepared.x[fit], PCA_VARIANCE, seed)
+    raw["pca"] = pca_error(pca, prepared.x)
+    windows = prepared.windows.reset_index(drop=True)
+    scores, normalizer = add_condition_scores(raw, windows, ["mse", "kl", "lat", "pca"])
+    both = combined_scores(normalizer, scores, windows[list(CONDITION_COLUMNS)])
+    return pd.concat([scores, both], axis=1), normalizer, {"pca": pca, "latent": latent}
 
 
 def choose_threshold(
@@ -180,4 +210,7 @@ def evaluate_run(
         seed=cfg.seed,
     )
     ev.metrics.update(extra_metrics or {})
+    if getattr(cfg, "detector", "vae") == "combined" and "combined_cond" in ev.thresholds:
+        # the detector asked for, not the best validation score of its parts
+        ev.decision_score = "combined_cond"
     return ev

@@ -109,6 +109,15 @@ class ConditionNormalizer:
             out[f"{name}_cond"] = (v - center) / scale
         return pd.DataFrame(out, index=scores.index)
 
+    def transform_global(self, scores: pd.DataFrame, names) -> pd.DataFrame:
+        """`<name>_z` columns: each score against all healthy windows (no condition needed)."""
+        out = {}
+        for name in names:
+            c, sc = self.stats[name]["*"]
+            v = np.log(np.maximum(scores[name].to_numpy(dtype=float), _EPS))
+            out[f"{name}_z"] = (v - c) / sc
+        return pd.DataFrame(out, index=scores.index)
+
     def to_dict(self) -> dict:
         return {n: {k: list(cs) for k, cs in per.items()} for n, per in self.stats.items()}
 
@@ -128,3 +137,46 @@ def _center_scale(v: np.ndarray) -> tuple[float, float]:
     if not np.isfinite(scale) or scale < 1e-6:
         scale = float(np.std(v)) if np.std(v) > 1e-6 else 1.0
     return center, scale
+
+
+def fit_latent(codings: np.ndarray) -> dict:
+    """Mean and precision (inverse covariance, slightly regularised) of healthy coding means."""
+    z = np.asarray(codings, dtype=np.float64)
+    cov = np.atleast_2d(np.cov(z.T)) + 1e-6 * np.eye(z.shape[1])
+    return {"mean": z.mean(axis=0).tolist(), "precision": np.linalg.inv(cov).tolist()}
+
+
+def latent_distance(latent: dict, codings: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each coding mean from the healthy codings (`lat`)."""
+    d = np.asarray(codings, dtype=np.float64) - np.asarray(latent["mean"])
+    return np.einsum("ij,jk,ik->i", d, np.asarray(latent["precision"]), d)
+
+
+def latent_scores(model, x: np.ndarray, fit: np.ndarray, batch_size: int = SCORE_BATCH):
+    """`lat` of every window of x, against the coding means of the windows `fit` (a mask of x:
+    the healthy training windows), and the fitted reference the detector keeps."""
+    mean, _ = model.encode(np.asarray(x, dtype=np.float32), batch_size=batch_size)
+    latent = fit_latent(mean[fit])
+    return latent_distance(latent, mean), latent
+
+
+# The combined detector, chosen on the validation folds of the real data (docs/detection.md):
+# three views of a window, each a robust z-score within its condition and weighing a third: the
+# β-VAE's reconstruction error, its coding's distance from the healthy codings, and PCA's
+# reconstruction error (what a linear model of healthy windows cannot explain).
+COMBINED_PARTS = {"mse": 1 / 3, "lat": 1 / 3, "pca": 1 / 3}
+
+
+def combined_scores(normalizer: ConditionNormalizer, scores: pd.DataFrame, conditions):
+    """`combined_cond` (per-condition z-scores; NaN without conditions) and `combined` (the same
+    against all healthy windows: the fallback when a request carries no condition)."""
+    names = list(COMBINED_PARTS)
+    weights = np.array([COMBINED_PARTS[n] for n in names])
+    glob = normalizer.transform_global(scores, names).to_numpy(dtype=float)
+    out = pd.DataFrame({"combined": glob @ weights}, index=scores.index)
+    if conditions is None:
+        out["combined_cond"] = np.nan
+    else:
+        cond = normalizer.transform(scores, conditions)
+        out["combined_cond"] = cond[[f"{n}_cond" for n in names]].to_numpy(dtype=float) @ weights
+    return out

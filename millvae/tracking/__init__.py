@@ -55,6 +55,7 @@ PROTOCOL_TAGS = {
     "window": "seed protocol: random stratified window split (leaks cuts across splits)",
     "case": "leak-free: whole tools per split, failing tools divided between val and test",
     "cut": "whole cuts per split, stratified by tool class",
+    "casefold": "leak-free: tool folds, this fold's failing tools tested, the others validate",
 }
 
 
