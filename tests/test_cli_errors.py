@@ -158,6 +158,19 @@ CASES = [
     ("momentum-one", lambda t, s: ["--bn_momentum", "1"], "bn_momentum: expected 0 <= momentum"),
     ("empty-experiment", lambda t, s: ["--experiment", " "], "experiment: expected a non-empty"),
     ("unknown-option", lambda t, s: ["--betta", "1"], "unrecognized arguments: --betta 1"),
+    ("folds-one", lambda t, s: ["--split", "casefold", "--folds", "1"], "folds: expected 2 <="),
+    (
+        "fold-beyond-folds",
+        lambda t, s: ["--split", "casefold", "--folds", "3", "--split_seed", "3"],
+        "split_seed: expected a fold 0..2 under split=casefold with folds=3; got 3",
+    ),
+    (
+        # the synthetic data has 8 failing tools: a ninth fold would test nothing
+        "more-folds-than-failing-tools",
+        lambda t, s: ["--data", str(s), "--split", "casefold", "--folds", "9"],
+        "expected at least folds=9 tools that reach failure, one per test fold; found 8",
+    ),
+    ("unknown-detector", lambda t, s: ["--detector", "forest"], "detector: expected one of"),
 ]
 
 

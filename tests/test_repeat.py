@@ -70,3 +70,36 @@ def test_repeat_trains_one_child_per_seed(tracking, synthetic_mat):
 def test_repeat_refuses_the_window_split(tracking, synthetic_mat):
     with pytest.raises(MillvaeError, match="split=window"):
         run_repeat(make_config(data=str(synthetic_mat), split="window"), [0, 1])
+
+
+@pytest.mark.slow
+def test_repeat_over_every_fold_logs_the_pooled_figures(tracking, synthetic_mat):
+    from millvae.metric_groups import flat
+
+    cfg = make_config(
+        data=str(synthetic_mat),
+        split="casefold",
+        folds=2,
+        epochs=2,
+        codings_size=4,
+        start_filter_no=8,
+        dilations="1,2",
+        bootstrap=20,
+    )
+    parent_id, table = run_repeat(cfg, [0, 1], verbose=0)
+    assert list(table["split_seed"]) == [0, 1]
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    m = flat(parent.data.metrics)
+    for s in ("mse", "kl", "mse_cond", "kl_cond"):
+        for key in ("pooled_test_ap", "pooled_test_cut_ap", "pooled_test_rocauc", "cv_val_ap"):
+            assert 0 <= m[f"{key}_{s}"] <= 1, key
+    assert m["pooled_test_ap_kl_lo"] <= m["pooled_test_ap_kl_hi"]
+    assert m["pooled_test_tools"] == 8  # every failing tool of the synthetic data, once
+    children = mlflow.search_runs(
+        experiment_names=["millvae"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="list",
+    )
+    assert sorted(c.data.params["split_seed"] for c in children) == ["0", "1"]
+    assert {c.data.params["folds"] for c in children} == {"2"}
