@@ -90,7 +90,9 @@ def test_mlflow_run_repeat_makes_one_child_per_seed_and_trains_none_into_the_par
 ):
     cmd_params = [
         f"data={synthetic_mat}",
-        "split_seeds=0,1,2",
+        # no split_seeds: under split=casefold that is every fold
+        "split=casefold",
+        "folds=3",
         "epochs=2",
         "codings_size=4",
         "start_filter_no=8",
@@ -121,6 +123,9 @@ def test_mlflow_run_repeat_makes_one_child_per_seed_and_trains_none_into_the_par
     )
     assert all(c.data.tags["model_type"] == "beta_vae" for c in children)
     assert all(r.info.status == "FINISHED" for r in runs)
+    # the pooled out-of-fold figures over all 8 failing tools of the synthetic data
+    assert 0 <= parent.data.metrics["pooled_test_ap_kl_cond"] <= 1
+    assert parent.data.metrics["detail/pooled_test_tools"] == 8
 
 
 def test_mlflow_run_refuses_a_configuration_beyond_memory_before_loading_data(tracking, tmp_path):
