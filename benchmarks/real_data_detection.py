@@ -67,7 +67,7 @@ def main() -> int:
         prepared.data_path = str(mat)
         if "baseline" in only:
             t0 = time.time()
-            rid = run_baseline(base_cfg, 0.95, 200)
+            rid, _ = run_baseline(base_cfg, 0.95, 200)
             rows.append(("baseline", split, split_seed, rid, time.time() - t0))
         for label, params in (("paper best", PAPER_BEST), ("seed default", SEED_DEFAULT)):
             key = "best" if label == "paper best" else "default"

@@ -19,7 +19,7 @@ _CONDITION = re.compile(r"^test_(ap|prauc)_\w+_(castiron|steel|doc[\d.]+|feed[\d
 _INTERVAL = re.compile(r"^\w+_(lo|hi)$")
 _DETAIL = re.compile(
     r"^(threshold_|(val|test)_(precision|recall|f1|prauc|positive_rate|n_positive)"
-    r"|test_(cutshare_ap|cut_rocauc)_|pooled_test_(f1|cut_rocauc|n_positive|tools)|pooled_folds)"
+    r"|test_(cutshare_ap|cut_rocauc)_|pooled_test_(f1|cut_rocauc|n_positive|n_windows|tools)|pooled_folds)"
 )
 _SPREAD = re.compile(r"^(std|min|max)_")
 

@@ -71,6 +71,7 @@ def pooled_metrics(
     y = M.positive_labels(table["tool_class"].to_numpy(dtype=int), positive)
     out: dict[str, float] = {"pooled_folds": float(len(folds))}
     out["pooled_test_n_positive"] = float(y.sum())
+    out["pooled_test_n_windows"] = float(len(y))
     out["pooled_test_tools"] = float(table["case"].nunique())
     for name in score_names:
         s = table[name].to_numpy(dtype=float)
