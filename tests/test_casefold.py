@@ -205,3 +205,11 @@ def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, synthe
     plain = loaded.predict(frame[list(p.signal_names)])
     assert (plain["score_name"] == "combined").all()
     assert plain["warning"].str.contains("no condition columns").all()
+
+    # registered like any detector, chosen by its validation figure, and served from the alias
+    from millvae.register import register_best
+
+    reg = register_best(metric="val_ap_combined_cond", allow_synthetic=True)
+    assert reg.run_id == result.run_id
+    served = mlflow.pyfunc.load_model("models:/millvae@champion").predict(frame)
+    np.testing.assert_array_equal(served["combined_cond"], out["combined_cond"])
