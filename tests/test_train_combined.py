@@ -1,0 +1,76 @@
+"""`detector=combined`: trained, logged, served and registered like the β-VAE detector.
+
+In a file after test_model.py on purpose: a training in this process sets the thread
+configuration that test_model's fresh-process comparison assumes untouched (CI runs files in
+alphabetical order)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from millvae.config import make_config
+from millvae.metric_groups import flat
+
+
+@pytest.mark.slow
+def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, synthetic_mat):
+    from millvae.train import train_run
+
+    cfg = make_config(
+        data=str(synthetic_mat),
+        split="casefold",
+        folds=4,
+        split_seed=1,
+        detector="combined",
+        epochs=2,
+        codings_size=4,
+        start_filter_no=8,
+        dilations="1,2",
+        bootstrap=20,
+    )
+    result = train_run(cfg, verbose=0)
+    ev = result.evaluation
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["decision_score"] == "combined_cond"
+    m = flat(run.data.metrics)
+    for s in ("lat", "lat_cond", "pca", "pca_cond", "combined", "combined_cond", "kl_cond"):
+        assert 0 <= m[f"test_ap_{s}"] <= 1 and f"threshold_{s}" in m
+    # the combined score is the weighted mean of the parts' robust z-scores
+    np.testing.assert_allclose(
+        ev.scores["combined_cond"],
+        (ev.scores["mse_cond"] + ev.scores["lat_cond"] + ev.scores["pca_cond"]) / 3,
+    )
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    (detector,) = [lm for lm in models if lm.name == "detector"]
+    loaded = mlflow.pyfunc.load_model(detector.model_uri)
+    p = result.prepared
+    pick = np.flatnonzero(p.mask("test"))[:30]
+    raw = p.scaler.inverse_transform(p.x[pick])
+    cond = p.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
+    frame = pd.DataFrame(raw.reshape(-1, raw.shape[2]), columns=list(p.signal_names))
+    for c in ("DOC", "feed", "material"):
+        frame[c] = np.repeat(cond[c].to_numpy(dtype=float), raw.shape[1])
+    out = loaded.predict(frame)
+    for col in ("lat", "lat_cond", "pca", "pca_cond", "combined_cond"):
+        np.testing.assert_allclose(out[col], ev.scores[col].to_numpy()[pick], rtol=1e-4, atol=1e-4)
+    assert (out["decision"] == "combined_cond").all()
+    thr = ev.thresholds["combined_cond"]
+    assert (out["is_anomaly"] == (out["combined_cond"] >= thr)).all()
+    # no condition columns: the combined score against all healthy windows, said so per row
+    plain = loaded.predict(frame[list(p.signal_names)])
+    assert (plain["score_name"] == "combined").all()
+    assert plain["warning"].str.contains("no condition columns").all()
+
+    # registered like any detector, chosen by its validation figure, and served from the alias
+    from millvae.register import register_best
+
+    reg = register_best(metric="val_ap_combined_cond", allow_synthetic=True)
+    assert reg.run_id == result.run_id
+    served = mlflow.pyfunc.load_model("models:/millvae@champion").predict(frame)
+    np.testing.assert_array_equal(served["combined_cond"], out["combined_cond"])
