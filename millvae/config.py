@@ -25,6 +25,10 @@ POSITIVES = ("failed", "worn")
 THRESHOLD_METHODS = ("f1", "percentile")
 LR_SCHEDULES = ("constant", "onecycle")
 DETECTORS = ("vae", "combined")
+SWITCHES = ("false", "true")
+# the scores a combined detector may average, and the default parts (chosen on validation folds)
+COMBINABLE = ("mse", "kl", "lat", "pca")
+COMBINE_DEFAULT = ("mse", "pca")
 # Upper bounds: no single parameter may exhaust the machine or overflow what consumes it. Sizes
 # beyond them are refused; within them `check_memory` has the last word.
 MAX_CODINGS = 4096
@@ -85,11 +89,23 @@ class TrainConfig:
         "vae",
         "vae: decide on the β-VAE's best validation score | combined: VAE + PCA (combined_cond)",
     )
+    combine: str = _p(
+        ",".join(COMBINE_DEFAULT),
+        "detector=combined: the condition-aware scores averaged, some of mse, kl, lat, pca",
+    )
+    conditional: str = _p(
+        "false", "true: a conditional β-VAE, DOC, feed and material into encoder and decoder"
+    )
     bootstrap: int = _p(1000, "bootstrap resamples (over cuts) of the test AP interval; 0 = none")
     experiment: str = _p("millvae", "MLflow experiment name")
     max_memory_gb: float = _p(
         0.0, "refuse a configuration whose estimated memory exceeds this; 0 = this machine's"
     )
+
+    @property
+    def combine_parts(self) -> tuple[str, ...]:
+        """`combine` as a tuple of score names, e.g. ('mse', 'lat', 'pca')."""
+        return tuple(p.strip().lower() for p in self.combine.split(",") if p.strip())
 
     @property
     def dilations_str(self) -> str:
@@ -104,8 +120,9 @@ class TrainConfig:
 
     def model_name(self) -> str:
         """The seed's model-naming style: the key hyperparameters at a glance."""
+        kind = "cbvae" if self.conditional == "true" else "bvae"
         return (
-            f"bvae_beta-{self.beta:g}_cod-{self.codings_size}_lay-{self.conv_layers}"
+            f"{kind}_beta-{self.beta:g}_cod-{self.codings_size}_lay-{self.conv_layers}"
             f"_fil-{self.start_filter_no}_ker-{self.kernel_size}"
             f"_dil-{'-'.join(map(str, self.dilations))}"
             f"_{self.final_activation}"
@@ -374,6 +391,16 @@ def _fold(cfg: TrainConfig) -> str | None:
     )
 
 
+def _combine(cfg: TrainConfig) -> str | None:
+    parts = cfg.combine_parts
+    if parts and set(parts) <= set(COMBINABLE) and len(set(parts)) == len(parts):
+        return None
+    return (
+        f"combine: expected distinct comma-separated scores from {', '.join(COMBINABLE)}, e.g. "
+        f"{','.join(COMBINE_DEFAULT)}; got {cfg.combine!r}"
+    )
+
+
 def _experiment(cfg: TrainConfig) -> str | None:
     return None if cfg.experiment else "experiment: expected a non-empty MLflow experiment name"
 
@@ -441,6 +468,8 @@ CONSTRAINTS: dict[str, Constraint] = {
     "threshold_percentile": Interval(float, 0, 100, closed="neither", label="p"),
     "score_samples": Interval(int, 0, MAX_SCORE_SAMPLES),
     "detector": Options(DETECTORS),
+    "combine": Custom(_combine),
+    "conditional": Options(SWITCHES),
     "bootstrap": Interval(int, 0, MAX_BOOTSTRAP),
     "max_memory_gb": Interval(float, 0, None),
     "experiment": Custom(_experiment),

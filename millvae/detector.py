@@ -8,7 +8,8 @@ gets exactly the score the run's metrics were computed from.
 Input (the signature is column-based): a DataFrame with one column per signal, named as in
 training (e.g. smcAC, smcDC, vib_table, vib_spindle, AE_table, AE_spindle), raw (unscaled) values,
 where each run of `window_size` consecutive rows is one window; optional columns DOC, feed and
-material give the cutting condition and must be constant within a window. Signal values must be
+material give the cutting condition and must be constant within a window (required where the
+β-VAE is conditional: `conditional=true`, the config's `condition_scale`). Signal values must be
 finite and within `signal_ranges(config)`: the training range widened by `RANGE_SPANS` (100) times
 its width on each side; farther out a value is no reading of the machine and overflows the
 float32 model.
@@ -21,7 +22,7 @@ Output: one row per window with
     mse_<signal>             reconstruction error per signal
     lat, pca, combined       detector=combined only: the coding's Mahalanobis distance from the
     (and their _cond)        healthy codings, PCA's reconstruction error, and the mean of the
-                             mse, lat and pca z-scores (`detect.scoring.COMBINED_PARTS`)
+                             z-scores the run's `combine` names (default mse, pca)
     score, score_name        the score decided on and its name ("kl_cond", or "kl" without a
                              condition when the decision score is condition-aware)
     threshold                its validation threshold
@@ -75,17 +76,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, ErrorCode
 
 import millvae
+from millvae.data.conditions import ConditionScale
 from millvae.data.windows import MinMaxScaler
 from millvae.detect.baselines import pca_error
 from millvae.detect.scoring import (
     COMBINED_PARTS,
     CONDITION_COLUMNS,
-    SCORE_BATCH,
     ConditionNormalizer,
     combined_scores,
     condition_keys,
     latent_distance,
-    window_scores,
+    window_outputs,
 )
 from millvae.errors import MillvaeError
 
@@ -148,6 +149,7 @@ def detector_config(
     data_source: str = "real",
     score_seed: int = 0,
     references: dict | None = None,
+    condition_scale: ConditionScale | None = None,
 ) -> dict:
     """Everything besides the Keras model that the detector needs, as a JSON-able dict.
 
@@ -156,6 +158,8 @@ def detector_config(
     condition). Non-finite thresholds of other scores are dropped. `score_samples`/`score_seed`
     are `window_scores`' samples/seed; with samples > 0 the noise is drawn per request, so served
     scores equal the run's evaluation exactly only for deterministic scoring (samples = 0).
+    `condition_scale`: a conditional model's (`conditional=true`); its requests must then carry
+    DOC, feed and material.
     """
     if decision_score not in DECISION_SCORES:
         raise MillvaeError(
@@ -168,7 +172,8 @@ def detector_config(
             f"references: expected the PCA and the healthy codings of a detector=combined run "
             f"(the decision score is {decision_score}); got {sorted(references or {}) or 'none'}"
         )
-    stats = list(COMBINED_PARTS) if combined else []
+    parts = list((references or {}).get("parts", COMBINED_PARTS))
+    stats = parts if combined else []
     if decision_score.endswith("_cond"):
         needed.append(_raw_name(decision_score))
         stats = stats or [_raw_name(decision_score)]
@@ -187,7 +192,11 @@ def detector_config(
             )
     if int(score_samples) < 0:
         raise MillvaeError(f"score_samples: expected an integer >= 0; got {score_samples!r}")
-    extra = {} if not references else {"pca": references["pca"], "latent": references["latent"]}
+    extra = {}
+    if references:
+        extra = {"pca": references["pca"], "latent": references["latent"], "combine": parts}
+    if condition_scale is not None:
+        extra["condition_scale"] = condition_scale.to_dict()
     return {
         **extra,
         "format": CONFIG_FORMAT,
@@ -424,10 +433,18 @@ def score_raw(
     scaler = MinMaxScaler.from_dict(config["scaler"])
     # training scaled float32 windows in float32; doing the same keeps scores identical
     x = scaler.transform(windows.astype(np.float32))
+    inputs = x
+    if "condition_scale" in config:
+        if cond is None:
+            raise MillvaeError(
+                "conditions: expected DOC, feed and material columns (this detector's β-VAE is "
+                "conditional and reads them); got none"
+            )
+        inputs = ConditionScale.from_dict(config["condition_scale"]).append(x, cond)
     with np.errstate(over="ignore"):  # an overflow is reported below, with its window
-        scores = window_scores(
+        scores, codings = window_outputs(
             keras_model,
-            x,
+            inputs,
             signals,
             samples=int(config.get("score_samples", 0)),
             seed=int(config.get("score_seed", 0)),
@@ -435,9 +452,7 @@ def score_raw(
     with_refs = "pca" in config
     if with_refs:
         scores["pca"] = pca_error(config["pca"], x)
-        scores["lat"] = latent_distance(
-            config["latent"], keras_model.encode(x, batch_size=SCORE_BATCH)[0]
-        )
+        scores["lat"] = latent_distance(config["latent"], codings)
     normalizer = ConditionNormalizer.from_dict(config["normalizer"])
     cond_scores = normalizer.transform(scores, cond)
 
@@ -450,7 +465,8 @@ def score_raw(
         for name in ("lat", "pca"):
             out[name] = scores[name]
             out[f"{name}_cond"] = cond_scores[f"{name}_cond"] if cond is not None else np.nan
-        both = combined_scores(normalizer, scores, cond)
+        parts = config.get("combine", COMBINED_PARTS)  # detectors logged before `combine`
+        both = combined_scores(normalizer, scores, cond, parts)
         out["combined"], out["combined_cond"] = both["combined"], both["combined_cond"]
     _finite_scores_or_raise(out, cond is not None)
     _decide(out, config, normalizer, cond)
@@ -722,9 +738,10 @@ def detector_signature(config: dict) -> Any:
     from mlflow.types import ColSpec, Schema
 
     signals = list(config["signal_names"])
+    needs_conditions = "condition_scale" in config  # a conditional β-VAE reads them
     inputs = Schema(
         [ColSpec("double", s) for s in signals]
-        + [ColSpec("double", c, required=False) for c in CONDITION_COLUMNS]
+        + [ColSpec("double", c, required=needs_conditions) for c in CONDITION_COLUMNS]
     )
     score_cols = ["mse", "kl", "mse_cond", "kl_cond", *[f"mse_{s}" for s in signals]]
     if "pca" in config:

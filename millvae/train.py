@@ -21,6 +21,7 @@ import pandas as pd
 
 from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, TrainConfig, make_config
+from millvae.data.conditions import CONDITION_COLUMNS, ConditionScale
 from millvae.data.prepare import Prepared, prepare, why_no_detection
 from millvae.detect import plots
 from millvae.detect.evaluate import (
@@ -91,8 +92,20 @@ def build_model(cfg: TrainConfig, n_signals: int):
     """A freshly initialised β-VAE of the run's architecture (seeds Keras with `cfg.seed`)."""
     from millvae.model.vae import ARCHITECTURE, build_vae
 
-    given = {name: getattr(cfg, name) for name in ARCHITECTURE if name != "n_signals"}
-    return build_vae(**given, n_signals=n_signals)
+    own = ("n_signals", "conditions")
+    given = {name: getattr(cfg, name) for name in ARCHITECTURE if name not in own}
+    conditions = len(CONDITION_COLUMNS) if cfg.conditional == "true" else 0
+    return build_vae(**given, n_signals=n_signals, conditions=conditions)
+
+
+def model_inputs(cfg: TrainConfig, prepared: Prepared) -> tuple[np.ndarray, ConditionScale | None]:
+    """The windows as the model reads them, and the condition scale: `prepared.x` itself, or
+    for a conditional model (`conditional=true`) each window with its condition, scaled over the
+    training windows, appended as channels."""
+    if cfg.conditional != "true":
+        return prepared.x, None
+    scale = ConditionScale.fit(prepared.windows[prepared.mask("train")])
+    return scale.append(prepared.x, prepared.windows), scale
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -125,7 +138,8 @@ def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, ver
     from millvae.model.vae import FusedAdam
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
-    x_train, x_val = prepared.get("train", slim=True), prepared.get("val", slim=True)
+    x, _ = model_inputs(cfg, prepared)
+    x_train, x_val = x[prepared.mask("train", slim=True)], x[prepared.mask("val", slim=True)]
     if len(x_val) == 0:
         raise MillvaeError("split: expected healthy windows in the validation split; found none")
     model = build_model(cfg, len(prepared.signal_names))
@@ -198,7 +212,7 @@ def train_run(
         _record_data(prepared, cfg, rename=run_name is None)
         model, history, seconds = fit(cfg, prepared, [tracking.epoch_logger()], verbose=verbose)
         result = _result(run.info.run_id, model, history, seconds, prepared)
-        _record_training(result)
+        _record_training(result, model_inputs(cfg, prepared)[0])
         result.evaluation = evaluate_model(model, prepared, cfg)
     return result
 
@@ -229,7 +243,7 @@ def _result(run_id: str, model, history: pd.DataFrame, seconds: float, prepared:
     )
 
 
-def _record_training(result: TrainResult) -> None:
+def _record_training(result: TrainResult, inputs: np.ndarray) -> None:
     """The fit's figures, history, loss plot, scaler, per-cut table and the Keras model."""
     tracking.log_metrics(
         {
@@ -256,25 +270,26 @@ def _record_training(result: TrainResult) -> None:
                 "scaler.json": None,
             },
         )
-    tracking.log_keras_model(result.model, prepared)
+    tracking.log_keras_model(result.model, prepared, inputs)
 
 
 def evaluate_model(model, prepared: Prepared, cfg: TrainConfig) -> Evaluation:
     """Score every window; record the detection metrics, plots, scores and the pyfunc detector."""
     t0 = time.perf_counter()
     references = None
+    x, scale = model_inputs(cfg, prepared)
     if cfg.detector == "combined":
         scores, normalizer, references = combined_detector_scores(
-            model, prepared, cfg.score_samples, cfg.seed
+            model, prepared, cfg.score_samples, cfg.seed, inputs=x, parts=cfg.combine_parts
         )
     else:
-        scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed)
+        scores, normalizer = vae_scores(model, prepared, cfg.score_samples, cfg.seed, inputs=x)
     names = COMBINED_SCORES if cfg.detector == "combined" else VAE_SCORES
     ev = evaluate_run(scores, prepared, names, cfg, {"scoring_seconds": time.perf_counter() - t0})
-    ev.normalizer, ev.references = normalizer, references
+    ev.normalizer, ev.references, ev.condition_scale = normalizer, references, scale
     with tempfile.TemporaryDirectory() as tmp:
         title = f"{cfg.model_name()} | split={cfg.split} | {prepared.data_source} data"
-        examples = reconstruction_examples(model, prepared, scores)
+        examples = reconstruction_examples(model, prepared, scores, inputs=x)
         write_outputs(ev, prepared, cfg, Path(tmp), title=title, examples=examples)
         tracking.log_evaluation(ev, cfg, Path(tmp), metrics=False)
     info = None
@@ -309,6 +324,7 @@ def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev: Evaluation):
         data_source=prepared.data_source,
         score_seed=cfg.seed,
         references=ev.references,
+        condition_scale=ev.condition_scale,
     )
     conditions = prepared.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
     return tracking.log_detector(

@@ -171,6 +171,8 @@ CASES = [
         "expected at least folds=9 tools that reach failure, one per test fold; found 8",
     ),
     ("unknown-detector", lambda t, s: ["--detector", "forest"], "detector: expected one of"),
+    ("conditional-word", lambda t, s: ["--conditional", "maybe"], "conditional: expected one of"),
+    ("combine-unknown-part", lambda t, s: ["--combine", "mse,iforest"], "combine: expected"),
 ]
 
 

@@ -92,6 +92,24 @@ def test_condition_aware_scores_remove_condition_offsets():
     assert set(norm.to_dict()["s"]) >= {"*", "0.75|0.5|1", "1.5|0.5|1"}
 
 
+def test_validation_windows_are_normalised_like_test_windows_never_by_themselves():
+    windows, _ = _toy(n_cuts=60)
+    windows["split"] = np.select(
+        [windows["cut_no"] < 30, windows["cut_no"] < 45], ["train", "val"], "test"
+    )
+    rng = np.random.default_rng(3)
+    scores = pd.DataFrame({"s": np.exp(rng.standard_normal(len(windows)))})
+    _, norm = add_condition_scores(scores, windows, ["s"])
+    # the validation windows' own scores, healthy or not, do not move the statistics
+    moved = scores.copy()
+    moved.loc[(windows["split"] != "train").to_numpy(), "s"] *= 50.0
+    _, again = add_condition_scores(moved, windows, ["s"])
+    assert again.to_dict() == norm.to_dict()
+    moved.loc[(windows["split"] == "train").to_numpy(), "s"] *= 2.0
+    _, other = add_condition_scores(moved, windows, ["s"])
+    assert other.to_dict() != norm.to_dict()
+
+
 @pytest.mark.slow
 def test_baseline_entry_logs_the_same_metrics(tracking, synthetic_mat):
     from millvae.baseline import run_baseline

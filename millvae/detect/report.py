@@ -103,8 +103,12 @@ def write_plots(
     return paths
 
 
-def reconstruction_examples(model, prepared: Prepared, scores: pd.DataFrame) -> dict:
-    """A typical (median-mse) test window of each tool class, with its reconstruction."""
+def reconstruction_examples(
+    model, prepared: Prepared, scores: pd.DataFrame, inputs: np.ndarray | None = None
+) -> dict:
+    """A typical (median-mse) test window of each tool class, with its reconstruction; `inputs`
+    are the windows as the model reads them where they are more than `prepared.x` (a conditional
+    model's)."""
     w = prepared.windows.reset_index(drop=True)
     picks = {}
     for k, name in enumerate(("healthy", "degraded", "failed")):
@@ -115,6 +119,7 @@ def reconstruction_examples(model, prepared: Prepared, scores: pd.DataFrame) -> 
         picks[name] = idx[np.argsort(mse)[len(mse) // 2]]
     if not picks:
         return {}
-    x = prepared.x[list(picks.values())]
-    _, _, recon = model.forward(x)
+    rows = list(picks.values())
+    x = prepared.x[rows]
+    _, _, recon = model.forward((prepared.x if inputs is None else inputs)[rows])
     return {name: (x[i], recon[i]) for i, name in enumerate(picks)}

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-CONDITION_COLUMNS = ("DOC", "feed", "material")
+from millvae.config import COMBINE_DEFAULT
+from millvae.data.conditions import CONDITION_COLUMNS
+
 # MAD of a normal distribution is 0.6745 sigma; the factor turns a MAD into a sigma estimate
 _MAD_TO_SIGMA = 1.4826
 _EPS = 1e-12
@@ -28,38 +30,60 @@ def window_scores(
     seed: int = 0,
     batch_size: int = SCORE_BATCH,
 ) -> pd.DataFrame:
-    """Per-window scores of scaled windows x [n, window, signal].
+    """Per-window scores of scaled windows x [n, window, signal] (`window_outputs`' first half)."""
+    scores, _ = window_outputs(
+        model, x, signal_names, samples=samples, seed=seed, batch_size=batch_size
+    )
+    return scores
+
+
+def window_outputs(
+    model,
+    x: np.ndarray,
+    signal_names: tuple[str, ...] | list[str],
+    *,
+    samples: int = 0,
+    seed: int = 0,
+    batch_size: int = SCORE_BATCH,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-window scores of scaled windows x [n, window, signal] and their coding means.
 
     `mse` is the reconstruction error over time and signals, decoding the mean coding
     (deterministic) or, with `samples` = K > 0, averaging K sampled reconstructions (seeded).
     `kl` is the KL divergence of the window's coding from the N(0, I) prior; `mse_<signal>` is the
-    error per signal.
+    error per signal. A conditional model's x carries its condition channels after the signals
+    (`ConditionScale.append`); the errors are the signals' only.
     """
     x = np.asarray(x, dtype=np.float32)
+    n_signals = len(signal_names)
     if len(x) == 0:
         cols = ["mse", "kl", *[f"mse_{s}" for s in signal_names]]
-        return pd.DataFrame({c: np.empty(0) for c in cols})
+        coding = np.empty((0, int(model.codings_size)), np.float32)
+        return pd.DataFrame({c: np.empty(0) for c in cols}), coding
     sampled = bool(samples and samples > 0)
     if sampled:
         mean, log_var = model.encode(x, batch_size=batch_size)
     else:
         mean, log_var, recon = model.forward(x, batch_size=batch_size)
+    coding = mean
     mean, log_var = mean.astype(np.float64), log_var.astype(np.float64)
     kl = -0.5 * np.sum(1.0 + log_var - np.exp(log_var) - mean**2, axis=1)
+    signals = x[:, :, :n_signals].astype(np.float64)
     if sampled:
         rng = np.random.default_rng(seed)
-        recon = np.zeros(x.shape, dtype=np.float64)
+        recon = np.zeros(signals.shape, dtype=np.float64)
         std = np.exp(0.5 * log_var)
+        condition = x[:, 0, n_signals:]  # empty unless the model is conditional
         for _ in range(samples):
             z = (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)
-            recon += model.decode(z, batch_size=batch_size)
+            recon += model.decode(np.concatenate([z, condition], axis=1), batch_size=batch_size)
         recon /= samples
-    err = (x.astype(np.float64) - recon) ** 2
+    err = (signals - recon) ** 2
     out = {"mse": err.mean(axis=(1, 2)), "kl": kl}
     per_signal = err.mean(axis=1)
     for j, s in enumerate(signal_names):
         out[f"mse_{s}"] = per_signal[:, j]
-    return pd.DataFrame(out)
+    return pd.DataFrame(out), coding
 
 
 def condition_keys(conditions: pd.DataFrame) -> np.ndarray:
@@ -152,26 +176,33 @@ def latent_distance(latent: dict, codings: np.ndarray) -> np.ndarray:
     return np.einsum("ij,jk,ik->i", d, np.asarray(latent["precision"]), d)
 
 
-def latent_scores(model, x: np.ndarray, fit: np.ndarray, batch_size: int = SCORE_BATCH):
-    """`lat` of every window of x, against the coding means of the windows `fit` (a mask of x:
-    the healthy training windows), and the fitted reference the detector keeps."""
-    mean, _ = model.encode(np.asarray(x, dtype=np.float32), batch_size=batch_size)
-    latent = fit_latent(mean[fit])
-    return latent_distance(latent, mean), latent
+def latent_scores(codings: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, dict]:
+    """`lat` of every window from its coding mean, against the coding means of the windows `fit`
+    (a mask: the healthy training windows), and the fitted reference the detector keeps."""
+    latent = fit_latent(codings[fit])
+    return latent_distance(latent, codings), latent
 
 
-# The combined detector, chosen on the validation folds of the real data (docs/detection.md):
-# three views of a window, each a robust z-score within its condition and weighing a third: the
-# β-VAE's reconstruction error, its coding's distance from the healthy codings, and PCA's
-# reconstruction error (what a linear model of healthy windows cannot explain).
-COMBINED_PARTS = {"mse": 1 / 3, "lat": 1 / 3, "pca": 1 / 3}
+# The scores a combined detector may average (`combine`, `millvae.config.COMBINABLE`), each a
+# robust z-score of the window's score within its condition: the β-VAE's reconstruction error and
+# KL, its coding's distance from the healthy codings, and PCA's reconstruction error (what a
+# linear model of healthy windows cannot explain).
+# `COMBINED_PARTS`, the default parts, were chosen on the validation folds of the real data
+# (docs/detection.md); `millvae.config` holds both lists, as `combine` is a run's parameter.
+COMBINED_PARTS = COMBINE_DEFAULT
 
 
-def combined_scores(normalizer: ConditionNormalizer, scores: pd.DataFrame, conditions):
-    """`combined_cond` (per-condition z-scores; NaN without conditions) and `combined` (the same
-    against all healthy windows: the fallback when a request carries no condition)."""
-    names = list(COMBINED_PARTS)
-    weights = np.array([COMBINED_PARTS[n] for n in names])
+def combined_scores(
+    normalizer: ConditionNormalizer,
+    scores: pd.DataFrame,
+    conditions,
+    parts: tuple[str, ...] | list[str] = COMBINED_PARTS,
+):
+    """`combined_cond`: the mean of the parts' per-condition z-scores (NaN without conditions),
+    and `combined`: the same against all healthy windows (the fallback when a request carries no
+    condition)."""
+    names = list(parts)
+    weights = np.full(len(names), 1.0 / len(names))
     glob = normalizer.transform_global(scores, names).to_numpy(dtype=float)
     out = pd.DataFrame({"combined": glob @ weights}, index=scores.index)
     if conditions is None:

@@ -436,7 +436,8 @@ class GraphInference:
     """Batched inference for `millvae.model.vae.BetaVAE`, one traced graph per kind and model.
 
     Expects of the model: `encoder`, `decoder`, `metrics`, `window_size`, `n_signals`,
-    `codings_size`, and `_sample`, `_loss_values` and `_update_metrics` as `BetaVAE` has them.
+    `codings_size`, `conditions`, `decoder_input`, and `_sample`, `_loss_values` and
+    `_update_metrics` as `BetaVAE` has them.
     """
 
     def encode(self, x: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -473,7 +474,7 @@ class GraphInference:
         return {m.name: float(m.result()) for m in self.metrics}
 
     def decode(self, codings: Any, batch_size: int = 1024) -> np.ndarray:
-        """Reconstructions of codings [n, codings_size], in batches."""
+        """Reconstructions of codings [n, codings_size (+ conditions)], in batches."""
         (recon,) = self._batched("decode", codings, batch_size)
         return recon
 
@@ -496,8 +497,9 @@ class GraphInference:
         name = f"_{kind}_fn"
         fn = self.__dict__.get(name)
         if fn is None:
-            windows = tf.TensorSpec([None, self.window_size, self.n_signals], tf.float32)
-            codings = tf.TensorSpec([None, self.codings_size], tf.float32)
+            channels = self.n_signals + self.conditions
+            windows = tf.TensorSpec([None, self.window_size, channels], tf.float32)
+            codings = tf.TensorSpec([None, self.codings_size + self.conditions], tf.float32)
 
             def encode(x):
                 return tuple(self.encoder(x, training=False))
@@ -508,7 +510,7 @@ class GraphInference:
                 # a sigmoid on its logits) as it does in `test_step`.
                 mean, log_var = self.encoder(x, training=False)
                 codings = tf.cond(validate, lambda: self._sample(mean, log_var), lambda: mean)
-                recon = self.decoder(codings, training=False)
+                recon = self.decoder(self.decoder_input(codings, x), training=False)
                 losses = self._loss_values(x, mean, log_var, recon)
 
                 def update() -> tf.Tensor:

@@ -11,6 +11,10 @@ Architecture, per the seed notebook's `model_fit` (`milling-tool-wear-beta-vae.i
              → conv_layers × [UpSampling1D(2) → BatchNormalization → TCN(same settings)]
              → Conv1D(signals, kernel, padding='same', activation=final_activation)
 
+A conditional β-VAE (`conditions` = 3: depth of cut, feed, material) reads its condition as
+extra channels after the signals of x, constant over the window, and its decoder gets the same
+values beside z; it reconstructs, and its loss counts, the signals only.
+
 Every TCN uses the same filter count (`start_filter_no`); one stack, no dropout, no norm inside.
 BatchNormalization keeps Keras' momentum 0.99 unless `bn_momentum` says otherwise: training
 normalises with batch statistics either way, so the momentum changes only the moving statistics
@@ -89,6 +93,9 @@ class Architecture:
     beta: float
     seed: int
     bn_momentum: float = 0.99
+    # a conditional β-VAE: this many condition values (`millvae.data.conditions`) follow the
+    # signals as channels of each window, and the decoder reads them beside the coding
+    conditions: int = 0
 
     def __post_init__(self) -> None:  # each value as its field's type ("8" -> 8, (1, 2) -> [1, 2])
         for field in dataclasses.fields(self):
@@ -142,7 +149,8 @@ def _tcn(
 # auto-generated names depend on what else the loading process has built before.
 def _build_encoder(arch: Architecture) -> keras.Model:
     filters = arch.start_filter_no
-    inputs = keras.Input(shape=(arch.window_size, arch.n_signals), name="window")
+    channels = arch.n_signals + arch.conditions
+    inputs = keras.Input(shape=(arch.window_size, channels), name="window")
     z = inputs
     for i in range(arch.conv_layers):
         with fused.tcn_conv_layers():
@@ -158,7 +166,7 @@ def _build_encoder(arch: Architecture) -> keras.Model:
 def _build_decoder(arch: Architecture) -> keras.Model:
     filters = arch.start_filter_no
     steps = arch.window_size // 2**arch.conv_layers
-    codings = keras.Input(shape=(arch.codings_size,), name="codings")
+    codings = keras.Input(shape=(arch.codings_size + arch.conditions,), name="codings")
     x = keras.layers.Dense(filters * steps, activation="selu", name="decoder_dense")(codings)
     x = keras.layers.Reshape((steps, filters), name="decoder_reshape")(x)
     for i in range(arch.conv_layers):
@@ -206,7 +214,7 @@ class BetaVAE(GraphInference, keras.Model):
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")
         self.accuracy_tracker = keras.metrics.Mean(name="rounded_accuracy")
-        self.build((None, self.window_size, self.n_signals))
+        self.build((None, self.window_size, self.n_signals + self.conditions))
 
     def build(self, input_shape: Any) -> None:
         # The sub-models are functional and built at construction; nothing left to create.
@@ -226,22 +234,33 @@ class BetaVAE(GraphInference, keras.Model):
         """Reconstruction; decodes the mean coding unless training (then a sampled one)."""
         mean, log_var = self.encoder(x, training=training)
         codings = self._sample(mean, log_var) if training else mean
-        return self.decoder(codings, training=training)
+        return self.decoder(self.decoder_input(codings, x), training=training)
 
     def _sample(self, mean: Any, log_var: Any) -> Any:
         return sample(mean, log_var, self.noise)
 
+    def decoder_input(self, codings: Any, x: Any) -> Any:
+        """The codings, and for a conditional model each window's condition beside them."""
+        if not self.conditions:
+            return codings
+        return ops.concatenate([codings, x[:, 0, self.n_signals :]], axis=-1)
+
+    def signals(self, x: Any) -> Any:
+        """The signal channels of windows x: what the model reconstructs."""
+        return x[:, :, : self.n_signals] if self.conditions else x
+
     def _loss_terms(self, x: Any, training: bool) -> tuple[Any, Any, Any, Any]:
         """Total loss, reconstruction BCE, mean KL per window, reconstruction (sampled coding)."""
         mean, log_var = self.encoder(x, training=training)
-        reconstruction = self.decoder(self._sample(mean, log_var), training=training)
+        codings = self.decoder_input(self._sample(mean, log_var), x)
+        reconstruction = self.decoder(codings, training=training)
         return self._loss_values(x, mean, log_var, reconstruction)
 
     def _loss_values(
         self, x: Any, mean: Any, log_var: Any, reconstruction: Any
     ) -> tuple[Any, Any, Any, Any]:
         values = self.window_size * self.n_signals
-        return vae_losses(x, mean, log_var, reconstruction, self.beta, values)
+        return vae_losses(self.signals(x), mean, log_var, reconstruction, self.beta, values)
 
     def _update_metrics(self, x: Any, losses: tuple[Any, Any, Any, Any]) -> dict[str, Any]:
         loss, reconstruction_loss, kl_loss, reconstruction = losses
@@ -250,7 +269,9 @@ class BetaVAE(GraphInference, keras.Model):
         self.loss_tracker.update_state(loss, sample_weight=batch)
         self.reconstruction_tracker.update_state(reconstruction_loss, sample_weight=batch)
         self.kl_tracker.update_state(kl_loss, sample_weight=batch)
-        accuracy = keras.metrics.binary_accuracy(ops.round(x), ops.round(reconstruction))
+        accuracy = keras.metrics.binary_accuracy(
+            ops.round(self.signals(x)), ops.round(reconstruction)
+        )
         self.accuracy_tracker.update_state(accuracy)
         return {m.name: m.result() for m in self.metrics}
 

@@ -281,16 +281,19 @@ class NoReloadFlavor:
         self._module.save_model(**kwargs)
 
 
-def log_keras_model(model, prepared: Prepared) -> None:
-    """The Keras model with signature, input example and the scaler in its MLmodel metadata."""
+def log_keras_model(model, prepared: Prepared, inputs: np.ndarray | None = None) -> None:
+    """The Keras model with signature, input example and the scaler in its MLmodel metadata;
+    `inputs`: the windows as the model reads them, where not `prepared.x` (a conditional
+    model's, its condition channels after the signals)."""
     import mlflow.tensorflow  # imports TensorFlow: only once a model exists
 
     from millvae.model.vae import CUSTOM_OBJECTS, warm_keras_saving  # TensorFlow, see above
 
     warm_keras_saving()
-    example = prepared.get("val")[:2]
+    x = prepared.x if inputs is None else inputs
+    example = x[prepared.mask("val")][:2]
     if len(example) == 0:
-        example = prepared.get("train")[:2]
+        example = x[prepared.mask("train")][:2]
     signature = infer_signature(example, np.asarray(model(example, training=False)))
     # no MLflow serving check: it loads the files back and predicts the example (about 1 s per
     # model, a search trial's time spent deserialising what is in memory); the example was just
@@ -310,7 +313,8 @@ def log_keras_model(model, prepared: Prepared) -> None:
             "millvae_scaler": prepared.scaler.to_dict(),
             "data_source": prepared.data_source,
             "data_sha256": prepared.data_sha256,
-            "input": "min-max scaled windows [n, window_size, n_signals]; see millvae_scaler",
+            "input": "min-max scaled windows [n, window_size, n_signals (+ 3 scaled DOC, feed, "
+            "material when conditional)]; see millvae_scaler",
         },
     )
 
