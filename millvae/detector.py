@@ -172,7 +172,7 @@ def detector_config(
             f"references: expected the PCA and the healthy codings of a detector=combined run "
             f"(the decision score is {decision_score}); got {sorted(references or {}) or 'none'}"
         )
-    parts = list((references or {}).get("parts", COMBINED_PARTS))
+    parts = list((references or {}).get("combine", COMBINED_PARTS))
     stats = parts if combined else []
     if decision_score.endswith("_cond"):
         needed.append(_raw_name(decision_score))

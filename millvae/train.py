@@ -130,15 +130,22 @@ def learning_rate(cfg: TrainConfig, n_train: int):
     )
 
 
-def fit(cfg: TrainConfig, prepared: Prepared, callbacks: list | None = None, verbose: int = 2):
-    """Build and train the β-VAE on healthy training windows; early stop on healthy validation."""
+def fit(
+    cfg: TrainConfig,
+    prepared: Prepared,
+    callbacks: list | None = None,
+    verbose: int = 2,
+    inputs: np.ndarray | None = None,
+):
+    """Build and train the β-VAE on healthy training windows; early stop on healthy validation.
+    `inputs`: `model_inputs(cfg, prepared)[0]` where the caller has it already."""
     import_tensorflow()
     import keras
 
     from millvae.model.vae import FusedAdam
 
     configure_threads()  # before the first op; a no-op where the caller already sized the pools
-    x, _ = model_inputs(cfg, prepared)
+    x = model_inputs(cfg, prepared)[0] if inputs is None else inputs
     x_train, x_val = x[prepared.mask("train", slim=True)], x[prepared.mask("val", slim=True)]
     if len(x_val) == 0:
         raise MillvaeError("split: expected healthy windows in the validation split; found none")
@@ -210,10 +217,13 @@ def train_run(
         tracking.start_record(cfg.to_params(), model_type="beta_vae")
         prepared = prepared if prepared is not None else prepare(cfg)
         _record_data(prepared, cfg, rename=run_name is None)
-        model, history, seconds = fit(cfg, prepared, [tracking.epoch_logger()], verbose=verbose)
+        inputs, scale = model_inputs(cfg, prepared)
+        model, history, seconds = fit(
+            cfg, prepared, [tracking.epoch_logger()], verbose=verbose, inputs=inputs
+        )
         result = _result(run.info.run_id, model, history, seconds, prepared)
-        _record_training(result, model_inputs(cfg, prepared)[0])
-        result.evaluation = evaluate_model(model, prepared, cfg)
+        _record_training(result, inputs)
+        result.evaluation = evaluate_model(model, prepared, cfg, (inputs, scale))
     return result
 
 
@@ -273,11 +283,17 @@ def _record_training(result: TrainResult, inputs: np.ndarray) -> None:
     tracking.log_keras_model(result.model, prepared, inputs)
 
 
-def evaluate_model(model, prepared: Prepared, cfg: TrainConfig) -> Evaluation:
-    """Score every window; record the detection metrics, plots, scores and the pyfunc detector."""
+def evaluate_model(
+    model,
+    prepared: Prepared,
+    cfg: TrainConfig,
+    inputs: tuple[np.ndarray, ConditionScale | None] | None = None,
+) -> Evaluation:
+    """Score every window; record the detection metrics, plots, scores and the pyfunc detector.
+    `inputs`: `model_inputs(cfg, prepared)` where the caller has it already."""
     t0 = time.perf_counter()
     references = None
-    x, scale = model_inputs(cfg, prepared)
+    x, scale = model_inputs(cfg, prepared) if inputs is None else inputs
     if cfg.detector == "combined":
         scores, normalizer, references = combined_detector_scores(
             model, prepared, cfg.score_samples, cfg.seed, inputs=x, parts=cfg.combine_parts

@@ -65,6 +65,25 @@ def synthetic_mat(tmp_path_factory) -> Path:
     return write_synthetic_mat(path, seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_config(synthetic_mat):
+    """make_config(**overrides) of a small, fast β-VAE on the synthetic data (2 epochs)."""
+    from millvae.config import make_config
+
+    def make(**overrides):
+        given = dict(
+            data=str(synthetic_mat),
+            epochs=2,
+            codings_size=4,
+            start_filter_no=8,
+            dilations="1,2",
+            bootstrap=20,
+        )
+        return make_config(**{**given, **overrides})
+
+    return make
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> str:
     """A throw-away sqlite tracking store; the test runs in tmp_path so ./mlruns lands there."""

@@ -42,16 +42,8 @@ def test_casefold_seeds_are_the_folds():
 
 
 @pytest.mark.slow
-def test_repeat_trains_one_child_per_seed(tracking, synthetic_mat):
-    cfg = make_config(
-        data=str(synthetic_mat),
-        split="case",
-        epochs=2,
-        codings_size=4,
-        start_filter_no=8,
-        dilations="1,2",
-        bootstrap=20,
-    )
+def test_repeat_trains_one_child_per_seed(tracking, tiny_config):
+    cfg = tiny_config(split="case")
     parent_id, table = run_repeat(cfg, [0, 1], verbose=0)
     assert list(table["split_seed"]) == [0, 1]
     parent = mlflow.get_run(parent_id)
@@ -73,19 +65,10 @@ def test_repeat_refuses_the_window_split(tracking, synthetic_mat):
 
 
 @pytest.mark.slow
-def test_repeat_over_every_fold_logs_the_pooled_figures(tracking, synthetic_mat):
+def test_repeat_over_every_fold_logs_the_pooled_figures(tracking, tiny_config):
     from millvae.metric_groups import flat
 
-    cfg = make_config(
-        data=str(synthetic_mat),
-        split="casefold",
-        folds=2,
-        epochs=2,
-        codings_size=4,
-        start_filter_no=8,
-        dilations="1,2",
-        bootstrap=20,
-    )
+    cfg = tiny_config(split="casefold", folds=2)
     parent_id, table = run_repeat(cfg, [0, 1], verbose=0)
     assert list(table["split_seed"]) == [0, 1]
     parent = mlflow.get_run(parent_id)

@@ -11,26 +11,33 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from millvae.config import make_config
 from millvae.metric_groups import flat
 
 
+def _logged_detector(run):
+    """The run's pyfunc detector, loaded."""
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    (detector,) = [lm for lm in models if lm.name == "detector"]
+    return mlflow.pyfunc.load_model(detector.model_uri)
+
+
+def _request(p, pick):
+    """Raw test windows `pick` of the prepared data as a request frame, with condition columns."""
+    raw = p.scaler.inverse_transform(p.x[pick])
+    cond = p.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
+    frame = pd.DataFrame(raw.reshape(-1, raw.shape[2]), columns=list(p.signal_names))
+    for c in ("DOC", "feed", "material"):
+        frame[c] = np.repeat(cond[c].to_numpy(dtype=float), raw.shape[1])
+    return raw, frame
+
+
 @pytest.mark.slow
-def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, synthetic_mat):
+def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, tiny_config):
     from millvae.train import train_run
 
-    cfg = make_config(
-        data=str(synthetic_mat),
-        split="casefold",
-        folds=4,
-        split_seed=1,
-        detector="combined",
-        epochs=2,
-        codings_size=4,
-        start_filter_no=8,
-        dilations="1,2",
-        bootstrap=20,
-    )
+    cfg = tiny_config(split="casefold", folds=4, split_seed=1, detector="combined")
     result = train_run(cfg, verbose=0)
     ev = result.evaluation
     run = mlflow.get_run(result.run_id)
@@ -44,18 +51,10 @@ def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, synthe
         ev.scores["combined_cond"],
         (ev.scores["mse_cond"] + ev.scores["pca_cond"]) / 2,
     )
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
-    (detector,) = [lm for lm in models if lm.name == "detector"]
-    loaded = mlflow.pyfunc.load_model(detector.model_uri)
+    loaded = _logged_detector(run)
     p = result.prepared
     pick = np.flatnonzero(p.mask("test"))[:30]
-    raw = p.scaler.inverse_transform(p.x[pick])
-    cond = p.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
-    frame = pd.DataFrame(raw.reshape(-1, raw.shape[2]), columns=list(p.signal_names))
-    for c in ("DOC", "feed", "material"):
-        frame[c] = np.repeat(cond[c].to_numpy(dtype=float), raw.shape[1])
+    _, frame = _request(p, pick)
     out = loaded.predict(frame)
     for col in ("lat", "lat_cond", "pca", "pca_cond", "combined_cond"):
         np.testing.assert_allclose(out[col], ev.scores[col].to_numpy()[pick], rtol=1e-4, atol=1e-4)
@@ -78,25 +77,19 @@ def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, synthe
 
 @pytest.mark.slow
 def test_conditional_vae_reads_the_condition_and_its_detector_requires_it_and_combine_names_parts(
-    tracking, synthetic_mat
+    tracking, tiny_config
 ):
     from millvae.data.conditions import ConditionScale
     from millvae.detector import score_raw
     from millvae.train import model_inputs, train_run
 
-    cfg = make_config(
-        data=str(synthetic_mat),
+    cfg = tiny_config(
         split="casefold",
         folds=4,
         split_seed=2,
         conditional="true",
         detector="combined",
         combine="kl,pca",
-        epochs=2,
-        codings_size=4,
-        start_filter_no=8,
-        dilations="1,2",
-        bootstrap=20,
     )
     result = train_run(cfg, verbose=0)
     run = mlflow.get_run(result.run_id)
@@ -116,17 +109,9 @@ def test_conditional_vae_reads_the_condition_and_its_detector_requires_it_and_co
     assert recon.shape == p.x[:50].shape and np.abs(recon - other).max() > 1e-4
 
     # served: the run's scores, from raw signals and condition columns
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
-    (detector,) = [lm for lm in models if lm.name == "detector"]
-    loaded = mlflow.pyfunc.load_model(detector.model_uri)
+    loaded = _logged_detector(run)
     pick = np.flatnonzero(p.mask("test"))[:20]
-    raw = p.scaler.inverse_transform(p.x[pick])
-    cond = p.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
-    frame = pd.DataFrame(raw.reshape(-1, raw.shape[2]), columns=list(p.signal_names))
-    for c in ("DOC", "feed", "material"):
-        frame[c] = np.repeat(cond[c].to_numpy(dtype=float), raw.shape[1])
+    raw, frame = _request(p, pick)
     out = loaded.predict(frame)
     ev = result.evaluation
     # `combine` names the parts: here KL and PCA, half each

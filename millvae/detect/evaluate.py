@@ -45,7 +45,7 @@ class Evaluation:
     scores: pd.DataFrame  # one row per window of the prepared data, every score column
     score_names: tuple[str, ...]
     normalizer: ConditionNormalizer | None = None
-    # detector=combined: the references the combined score needs ({"pca": ..., "latent": ...})
+    # detector=combined: what its score needs ({"pca": ..., "latent": ..., "combine": [...]})
     references: dict | None = None
     # conditional=true: the scale of the condition channels the model reads
     condition_scale: ConditionScale | None = None
@@ -106,7 +106,7 @@ def combined_detector_scores(
     windows = prepared.windows.reset_index(drop=True)
     scores, normalizer = add_condition_scores(raw, windows, ["mse", "kl", "lat", "pca"])
     both = combined_scores(normalizer, scores, windows[list(CONDITION_COLUMNS)], parts)
-    references = {"pca": pca, "latent": latent, "parts": list(parts)}
+    references = {"pca": pca, "latent": latent, "combine": list(parts)}
     return pd.concat([scores, both], axis=1), normalizer, references
 
 
