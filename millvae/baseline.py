@@ -10,7 +10,6 @@ on simple per-window features. Both also get condition-aware scores, exactly lik
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +18,14 @@ import pandas as pd
 
 from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PREP_PARAMS, make_config
-from millvae.crossval import covers_every_fold, parse_seeds, record_pooled
-from millvae.data.mat import load_mill
+from millvae.crossval import (
+    covers_every_fold,
+    each_fold,
+    parse_seeds,
+    record_pooled,
+    tag_data,
+)
 from millvae.data.prepare import prepare
-from millvae.data.sources import resolve_data
 from millvae.detect.baselines import iforest_scores, pca_scores, time_in_use
 from millvae.detect.evaluate import add_condition_scores, evaluate_run
 from millvae.detect.pooled import fold_scores
@@ -105,16 +108,13 @@ def run_baseline_folds(cfg, seeds: list[int], pca_variance: float, n_estimators:
             split_seeds=",".join(map(str, seeds)),
         )
         tracking.start_record(params, model_type="baseline")
-        data_file = resolve_data(cfg.data)
-        mill = load_mill(data_file.path, cfg.signals)  # loaded once, prepared per seed
         folds = []
-        for seed in seeds:
-            child_cfg = dataclasses.replace(cfg, split_seed=seed)
-            prepared = prepare(child_cfg, mill=mill, data_file=data_file)
+        for seed, child_cfg, prepared in each_fold(cfg, seeds):
             _, ev = run_baseline(
                 child_cfg, pca_variance, n_estimators, prepared=prepared, nested=True
             )
             folds.append(fold_scores(seed, ev, prepared.windows))
+        tag_data(prepared)
         if covers_every_fold(cfg, seeds):
             record_pooled(folds, BASELINE_SCORES, cfg, "baseline")
         return parent.info.run_id

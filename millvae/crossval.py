@@ -6,7 +6,9 @@ fold), so that every detector of the README's table is pooled the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +45,29 @@ def parse_seeds(text: str, cfg, default: list[int] | None) -> list[int]:
             f"folds={cfg.folds}; got {text!r}"
         )
     return seeds
+
+
+def each_fold(cfg, seeds: list[int]) -> Iterator[tuple]:
+    """(seed, the config at that split seed, its prepared data) for each seed; the data file is
+    resolved and read once, the split made per seed."""
+    from millvae.data.mat import load_mill
+    from millvae.data.prepare import prepare
+    from millvae.data.sources import resolve_data
+
+    data_file = resolve_data(cfg.data)
+    mill = load_mill(data_file.path, cfg.signals)
+    for seed in seeds:
+        child = dataclasses.replace(cfg, split_seed=seed)
+        yield seed, child, prepare(child, mill=mill, data_file=data_file)
+
+
+def tag_data(prepared) -> None:
+    """The active (parent) run's data source, as its folds have it: `register` leaves a parent
+    trained on synthetic data out unless asked, exactly as it does a single run."""
+    tags = {"data_source": prepared.data_source}
+    if prepared.data_source == "synthetic":
+        tags["millvae.synthetic_data"] = "true: trained on the SYNTHETIC milling simulator"
+    tracking.set_tags(tags)
 
 
 def covers_every_fold(cfg, seeds: list[int]) -> bool:

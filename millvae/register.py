@@ -93,6 +93,7 @@ class Registration:
     skipped_protocol: int = 0
     previous_alias_version: str | None = None
     version_tags: dict[str, str] = field(default_factory=dict)
+    fold_run_id: str | None = None  # a cross-validated run's detector: the fold it comes from
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -127,6 +128,15 @@ class Registration:
                 f"  protocol: {self.protocol} (split={'/'.join(PROTOCOLS[self.protocol])}); "
                 f"runs: {self.considered} considered"
                 + (f", skipped {', '.join(skipped)}" if skipped else ""),
+                *(
+                    [
+                        f"  detector of its fold {self.version_tags.get('fold', '?')} (run "
+                        f"{self.fold_run_id}), the best of its folds by "
+                        f"{self.metric.removeprefix('cv_')}"
+                    ]
+                    if self.fold_run_id
+                    else []
+                ),
                 f'  load: mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")',
             ]
         )
@@ -146,14 +156,15 @@ def parse_bool(value: str | bool, name: str = "allow_synthetic") -> bool:
 
 def higher_is_better(metric: str) -> bool:
     """Direction of a validation metric; refuses test metrics and names it cannot judge."""
-    if metric.startswith("test_"):
+    if metric.startswith(("test_", "pooled_test_")):
         raise MillvaeError(f"selection uses validation metrics only; got {metric}")
-    if not metric.startswith("val_"):
+    if not metric.removeprefix("cv_").startswith("val_"):
         raise MillvaeError(
             f"the selection metric must be a validation metric named val_<metric>_<score> "
-            f"(e.g. val_ap_kl); got {metric!r}"
+            f"(e.g. val_ap_kl), or cv_val_ap_<score> over the folds of split=casefold; "
+            f"got {metric!r}"
         )
-    tokens = metric.split("_")[1:]
+    tokens = metric.removeprefix("cv_").split("_")[1:]
     if any(t in _LOWER_TOKENS for t in tokens):
         return False
     if any(t in _HIGHER_TOKENS for t in tokens):
@@ -165,11 +176,13 @@ def higher_is_better(metric: str) -> bool:
 
 
 def paired_test_ap_metric(metric: str) -> str | None:
-    """`val_rocauc_mse_cond` -> `test_ap_mse_cond`: the test AP of the selection metric's score."""
-    rest = metric.removeprefix("val_")
+    """`val_rocauc_mse_cond` -> `test_ap_mse_cond`: the test AP of the selection metric's score
+    (`cv_val_ap_kl` -> `pooled_test_ap_kl`, the folds' test windows pooled)."""
+    pooled = metric.startswith("cv_val_")
+    rest = metric.removeprefix("cv_").removeprefix("val_")
     for kind in _KINDS:
         if rest.startswith(kind + "_"):
-            return f"test_ap_{rest[len(kind) + 1 :]}"
+            return f"{'pooled_' if pooled else ''}test_ap_{rest[len(kind) + 1 :]}"
     return None
 
 
@@ -206,7 +219,9 @@ def _find_experiment(client, name: str):
 
 
 def _val_metric_names(runs, limit: int = 12) -> str:
-    names = sorted({k for r in runs for k in flat(r.data.metrics) if k.startswith("val_")})
+    names = sorted(
+        {k for r in runs for k in flat(r.data.metrics) if k.startswith(("val_", "cv_val_"))}
+    )
     if not names:
         return "none (these runs logged no val_ metrics)"
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
@@ -314,13 +329,15 @@ def register_best(
     sel = select_run(
         runs, metric, higher=higher, allow_synthetic=allow, protocol=protocol, where=where
     )
-    chosen, uri = _first_with_detector(client, sel.candidates, metric, where)
+    chosen, uri, fold = _first_with_detector(client, sel.candidates, metric, where)
     value = float(sel.figures[chosen.info.run_id][metric])
     tags = _version_tags(chosen, metric, value, exp.name)
+    if fold is not None:  # a cross-validated run: the detector is that of its best fold
+        tags.update(fold_run_id=fold.info.run_id, fold=fold.data.params.get("split_seed", ""))
     description = (
         f"{exp.name} run {chosen.info.run_name} ({chosen.info.run_id}): {metric} = {value:.4f}"
     )
-    existing = _existing_version(client, model_name, chosen.info.run_id)
+    existing = _existing_version(client, model_name, (fold or chosen).info.run_id)
     version, created, previous = register_version(
         uri, model_name, alias, existing, tags=tags, description=description
     )
@@ -352,6 +369,7 @@ def register_best(
         skipped_protocol=sel.other_protocol,
         previous_alias_version=str(previous) if previous is not None else None,
         version_tags=tags,
+        fold_run_id=fold.info.run_id if fold is not None else None,
     )
 
 
@@ -465,16 +483,46 @@ def _no_metric(runs: list, finished: list, figures: dict, metric: str, where: st
 
 
 def _first_with_detector(client, candidates: list, metric: str, where: str):
-    """The best candidate that has a logged detector, and the detector's URI."""
+    """The best candidate that has a logged detector, the detector's URI, and the fold run it
+    comes from where the candidate is cross-validated (else None)."""
     for run in candidates:
         uri = detector_uri(client, run)
         if uri is not None:
-            return run, uri
+            return run, uri, None
+        if metric.startswith("cv_"):
+            found = _best_fold(client, run, metric.removeprefix("cv_"))
+            if found is not None:
+                return run, found[1], found[0]
     best = candidates[0]
     raise MillvaeError(
         f"none of the {len(candidates)} candidate runs of {where} has a '{DETECTOR_NAME}' "
         f"model (best by {metric}: run {best.info.run_id}); was it trained by this version?"
     )
+
+
+def _best_fold(client, run, fold_metric: str):
+    """(fold run, its detector URI) of a cross-validated run (a `repeat` or search trial over
+    every fold): the FINISHED fold best by its own `fold_metric` (validation), ties to the
+    earlier fold; None where no fold has a detector."""
+    folds = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+        max_results=1000,
+    )
+    sign = -1.0 if higher_is_better(fold_metric) else 1.0
+    ranked = sorted(
+        (f for f in folds if f.info.status == "FINISHED" and _finite(_metric(f, fold_metric))),
+        key=lambda f: (sign * _metric(f, fold_metric), f.info.start_time or 0, f.info.run_id),
+    )
+    for fold in ranked:
+        uri = detector_uri(client, fold)
+        if uri is not None:
+            return fold, uri
+    return None
+
+
+def _metric(run, name: str):
+    return flat(run.data.metrics).get(name)
 
 
 def _parser() -> ArgParser:

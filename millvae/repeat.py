@@ -9,7 +9,6 @@ parent, plus a table of every seed.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -18,10 +17,13 @@ import pandas as pd
 
 from millvae import tracking
 from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, make_config
-from millvae.crossval import covers_every_fold, parse_seeds, record_pooled
-from millvae.data.mat import load_mill
-from millvae.data.prepare import prepare
-from millvae.data.sources import resolve_data
+from millvae.crossval import (
+    covers_every_fold,
+    each_fold,
+    parse_seeds,
+    record_pooled,
+    tag_data,
+)
 from millvae.detect.pooled import fold_scores
 from millvae.errors import ArgParser, MillvaeError
 from millvae.train import train_run
@@ -58,12 +60,8 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
     with tracking.tracked_run(cfg, run_name=name, tags={"model_type": "repeat"}) as parent:
         seeds_param = {"split_seeds": ",".join(map(str, seeds))}
         tracking.start_record({**cfg.to_params(), **seeds_param}, model_type="repeat")
-        data_file = resolve_data(cfg.data)
-        mill = load_mill(data_file.path, cfg.signals)  # loaded once, prepared per seed
         rows, folds = [], []
-        for seed in seeds:
-            child_cfg = dataclasses.replace(cfg, split_seed=seed)
-            prepared = prepare(child_cfg, mill=mill, data_file=data_file)
+        for seed, child_cfg, prepared in each_fold(cfg, seeds):
             res = train_run(child_cfg, prepared=prepared, nested=True, verbose=verbose)
             m = tracking.run_metrics(res.run_id)
             if res.evaluation is not None:
@@ -77,6 +75,7 @@ def run_repeat(cfg, seeds: list[int], verbose: int = 2) -> tuple[str, pd.DataFra
                 }
             )
             print(f"millvae repeat: split_seed {seed} done (run {res.run_id})", flush=True)
+        tag_data(prepared)
         table = pd.DataFrame(rows)
         stats = summarize(table.drop(columns=["split_seed", "run_id"]))
         tracking.log_metrics(stats)

@@ -86,3 +86,12 @@ def test_repeat_over_every_fold_logs_the_pooled_figures(tracking, tiny_config):
     )
     assert sorted(c.data.params["split_seed"] for c in children) == ["0", "1"]
     assert {c.data.params["folds"] for c in children} == {"2"}
+    # a cross-validated run competes in `register` by its validation AP over the folds; the
+    # detector registered is that of its best-validating fold
+    from millvae.register import register_best
+
+    assert parent.data.tags["data_source"] == "synthetic"
+    reg = register_best(metric="cv_val_ap_kl_cond", allow_synthetic=True, protocol="casefold")
+    best = max(children, key=lambda c: (c.data.metrics["val_ap_kl_cond"], -c.info.start_time))
+    assert (reg.run_id, reg.fold_run_id) == (parent_id, best.info.run_id)
+    assert reg.version_tags["fold"] == best.data.params["split_seed"]

@@ -31,7 +31,7 @@ from millvae.search.store import (
     search_records,
     summarize,
 )
-from millvae.search.trial import run_trial, trial_cost
+from millvae.search.trial import cross_validated, run_trial, trial_cost, trial_objective
 from millvae.search.workers import WorkerPool, recycle_mib
 
 
@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None) -> SearchSpec:
             f"stale_minutes: expected a number; got {args['stale_minutes']!r}"
         ) from None
     metric = str(args["metric"]).strip()
-    if not metric.startswith("val_") and metric not in ("best_val_loss",):
+    if not metric.startswith(("val_", "cv_val_")) and metric not in ("best_val_loss",):
         raise MillvaeError(f"metric: selection uses validation metrics only; got {metric!r}")
     return SearchSpec(
         n_iter=n_iter,
@@ -371,11 +371,17 @@ def prepare_search(spec: SearchSpec) -> Search:
     # overrides are validated once, up front, with defaults standing in for the sampled values
     make_config(**overrides)
     check_space(space, overrides)  # every value a trial can draw, before any trial
+    if {"split", "split_seed"} & set(space):
+        raise MillvaeError(
+            "space: split and split_seed are fixed for a whole search (-P split=...), not "
+            "searched: trials of different splits cannot be ranked by one validation figure"
+        )
+    metric = trial_objective(spec.metric, cross_validated(overrides))
     trials = sample_trials(space, spec.n_iter, spec.seed)
     search_id = spec.search_id or default_search_id(space, spec.n_iter, spec.seed, overrides)
     recycle_mib()  # a malformed MILLVAE_RECYCLE_MIB fails here, not in every worker
     return open_search(
-        spec.experiment, search_id, space, spec.n_iter, spec.seed, overrides, spec.metric,
+        spec.experiment, search_id, space, spec.n_iter, spec.seed, overrides, metric,
         trials, spec.shard, spec.n_shards, spec.stale_minutes,
     )  # fmt: skip
 

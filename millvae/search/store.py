@@ -239,9 +239,14 @@ def _claim_holds(client: SearchRecords, search: Search, holder: _Holder, runs: l
 
 
 def _end_dead_runs(client: SearchRecords, runs: list) -> None:
+    why = "worker died (process gone or no heartbeat)"
     for run in runs:
         if run.info.status == "RUNNING":
-            client.end(run.info.run_id, "KILLED", "worker died (process gone or no heartbeat)")
+            # the fold in progress of a cross-validated trial, nested under the trial's run
+            for child in client.children(run):
+                if child.info.status == "RUNNING":
+                    client.end(child.info.run_id, "KILLED", why)
+            client.end(run.info.run_id, "KILLED", why)
 
 
 def _trial_runs(client: SearchRecords, search: Search, index: int) -> list:
@@ -324,7 +329,11 @@ def summarize(search: Search, top: int = 10) -> dict:
     """Log the summary on the parent; end it FINISHED once every trial has ended."""
     import pandas as pd
 
+    from millvae.register import paired_test_ap_metric
+
     client = search_records()
+    # the chosen trial's test figure is shown beside its validation figure, never used
+    beside = paired_test_ap_metric(search.metric) or "test_ap_kl"
     rows = []
     for run in _children(client, search):
         m, p = flat(run.data.metrics), run.data.params
@@ -334,7 +343,7 @@ def summarize(search: Search, top: int = 10) -> dict:
                 "status": run.info.status,
                 "run_id": run.info.run_id,
                 search.metric: m.get(search.metric),
-                "test_ap_kl": m.get("test_ap_kl"),
+                beside: m.get(beside),
                 "best_val_loss": m.get("best_val_loss"),
                 "epochs_trained": m.get("epochs_trained"),
                 **{k: p.get(k) for k in sorted(search.trials[0]) if search.trials},
@@ -369,7 +378,7 @@ def summarize(search: Search, top: int = 10) -> dict:
             {"summary.csv": ranked.head(top), "all_trials.csv": table.sort_values("trial_index")},
         )
         print(
-            ranked.head(top)[["trial_index", search.metric, "test_ap_kl", "run_id"]].to_string(
+            ranked.head(top)[["trial_index", search.metric, beside, "run_id"]].to_string(
                 index=False
             )
         )

@@ -43,9 +43,22 @@ class SearchRecords:
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
+    def children(self, run: Any) -> list:
+        """The runs nested under `run` (the folds of a cross-validated trial)."""
+        return self.client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+            max_results=1000,
+        )
+
     def last_loss_ms(self, run: Any) -> int:
-        """When the run last logged a training loss (its start where it never did), in ms."""
+        """When the run, or a run nested under it (a fold of a cross-validated trial), last logged
+        a training loss (the run's start where none did), in ms."""
         times = [m.timestamp for m in self.client.get_metric_history(run.info.run_id, "loss")]
+        if not times:
+            for child in self.children(run):
+                history = self.client.get_metric_history(child.info.run_id, "loss")
+                times += [m.timestamp for m in history] or [child.info.start_time]
         return max(times or [run.info.start_time])
 
     def experiment_tags(self, name: str) -> dict[str, str] | None:
