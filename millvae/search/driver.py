@@ -127,11 +127,26 @@ def run_search(
     try:
         _collect(client, search, pool, len(todo), progress)
     except BaseException:
-        pool.close(grace=0)  # interrupted: the trials in progress end KILLED now
+        _close_pool(client, search, pool, grace=0)  # interrupted: trials in progress end KILLED
         raise
-    pool.close()
+    _close_pool(client, search, pool)
     progress.show(final=True)
     return progress
+
+
+def _close_pool(client, search: Search, pool: WorkerPool, grace: float = 30.0) -> None:
+    """Stop the workers (`WorkerPool.close`), then end KILLED any trial run they left RUNNING.
+
+    A worker stopped by SIGTERM ends its run KILLED itself, unless the signal's KeyboardInterrupt
+    came inside one of its own sqlite writes (an epoch's metrics): that transaction's lock stays
+    held while the exception unwinds, so its `end_run` waits on itself (busy_timeout 20 s) and the
+    other worker's waits on it, until SIGKILL 10 s later leaves both runs RUNNING. Once the
+    workers are gone, their locks are too: the driver ends those runs."""
+    pool.close(grace=grace)
+    try:
+        reap_dead_trials(client, search)
+    except Exception as exc:  # the store may be what failed; the next start reaps them
+        print(f"search: could not mark dead workers' trials KILLED: {exc}", file=sys.stderr)
 
 
 def _pending(client, search: Search) -> list[int]:
