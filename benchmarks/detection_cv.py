@@ -30,7 +30,7 @@ VAE_ROWS = (
     ("kl_cond", "β-VAE KL, condition-aware"),
     ("lat", "β-VAE coding's Mahalanobis distance from healthy codings"),
     ("lat_cond", "β-VAE coding distance, condition-aware"),
-    ("combined_cond", "combined: β-VAE mse + PCA, condition-aware (`combine` default)"),
+    ("combined_cond", "combined: β-VAE smcAC error + PCA, condition-aware (`combine` default)"),
 )
 BASELINE_ROWS = (
     ("time_in_use", "time in use (cut number; no model)"),

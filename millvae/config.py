@@ -26,9 +26,13 @@ THRESHOLD_METHODS = ("f1", "percentile")
 LR_SCHEDULES = ("constant", "onecycle")
 DETECTORS = ("vae", "combined")
 SWITCHES = ("false", "true")
-# the scores a combined detector may average, and the default parts (chosen on validation folds)
+# the scores a combined detector may average (and `mse_<signal>`, one signal's reconstruction
+# error), and the default parts: chosen on the validation folds of the real data over three
+# training seeds (docs/detection.md)
 COMBINABLE = ("mse", "kl", "lat", "pca")
-COMBINE_DEFAULT = ("mse", "pca")
+COMBINE_DEFAULT = ("mse_smcAC", "pca")
+# what detectors logged before `combine` existed averaged
+COMBINE_LEGACY = ("mse", "lat", "pca")
 # Upper bounds: no single parameter may exhaust the machine or overflow what consumes it. Sizes
 # beyond them are refused; within them `check_memory` has the last word.
 MAX_CODINGS = 4096
@@ -91,7 +95,8 @@ class TrainConfig:
     )
     combine: str = _p(
         ",".join(COMBINE_DEFAULT),
-        "detector=combined: the condition-aware scores averaged, some of mse, kl, lat, pca",
+        "detector=combined: the condition-aware scores averaged, some of mse, kl, lat, pca and "
+        "mse_<signal> (one signal's reconstruction error, e.g. mse_smcAC)",
     )
     conditional: str = _p(
         "false", "true: a conditional β-VAE, DOC, feed and material into encoder and decoder"
@@ -104,8 +109,8 @@ class TrainConfig:
 
     @property
     def combine_parts(self) -> tuple[str, ...]:
-        """`combine` as a tuple of score names, e.g. ('mse', 'lat', 'pca')."""
-        return tuple(p.strip().lower() for p in self.combine.split(",") if p.strip())
+        """`combine` as a tuple of score names, e.g. ('mse_smcAC', 'pca'); any case."""
+        return tuple(_part(p) for p in self.combine.split(",") if p.strip())
 
     @property
     def dilations_str(self) -> str:
@@ -391,13 +396,52 @@ def _fold(cfg: TrainConfig) -> str | None:
     )
 
 
+def _part(text: str) -> str:
+    """One `combine` part under its own name: 'MSE_smcac' -> 'mse_smcAC'."""
+    t = text.strip().lower()
+    for name in SIGNAL_NAMES:
+        if t == f"mse_{name.lower()}":
+            return f"mse_{name}"
+    return t
+
+
+def combinable(signals) -> tuple[str, ...]:
+    """The parts a combined detector of these signals may average."""
+    return (*COMBINABLE, *(f"mse_{s}" for s in signals))
+
+
+def missing_signals(parts, signals) -> list[str]:
+    """The parts that are the error of a signal not among `signals`."""
+    return [p for p in parts if p.startswith("mse_") and p[4:] not in signals]
+
+
 def _combine(cfg: TrainConfig) -> str | None:
     parts = cfg.combine_parts
-    if parts and set(parts) <= set(COMBINABLE) and len(set(parts)) == len(parts):
+    if parts and set(parts) <= set(combinable(SIGNAL_NAMES)) and len(set(parts)) == len(parts):
         return None
     return (
-        f"combine: expected distinct comma-separated scores from {', '.join(COMBINABLE)}, e.g. "
-        f"{','.join(COMBINE_DEFAULT)}; got {cfg.combine!r}"
+        f"combine: expected distinct comma-separated scores from {', '.join(COMBINABLE)} or "
+        f"mse_<signal> (one signal's error, e.g. mse_smcAC), e.g. {','.join(COMBINE_DEFAULT)}; "
+        f"got {cfg.combine!r}"
+    )
+
+
+def _combine_signals(cfg: TrainConfig) -> str | None:
+    if cfg.signals.lower() in ("all", "available"):
+        return None  # which signals the data has is known once it is read (`check_combine`)
+    return check_combine(cfg, [s.strip() for s in cfg.signals.split(",") if s.strip()])
+
+
+def check_combine(cfg: TrainConfig, signals) -> str | None:
+    """Why `combine` cannot be computed from these signals (None where it can)."""
+    if cfg.detector != "combined":
+        return None
+    missing = missing_signals(cfg.combine_parts, signals)
+    if not missing:
+        return None
+    return (
+        f"combine: expected errors of the run's signals ({', '.join(signals)}); got "
+        f"{', '.join(missing)}: pass -P combine=mse,pca, or parts of these signals"
     )
 
 
@@ -476,6 +520,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "data": Custom(_data),
     "labels": Custom(_labels),
     "signals": Custom(_signals),
+    "combine/signals": Custom(_combine_signals),
 }
 
 

@@ -76,6 +76,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, ErrorCode
 
 import millvae
+from millvae.config import COMBINE_LEGACY
 from millvae.data.conditions import ConditionScale
 from millvae.data.windows import MinMaxScaler
 from millvae.detect.baselines import pca_error
@@ -465,7 +466,7 @@ def score_raw(
         for name in ("lat", "pca"):
             out[name] = scores[name]
             out[f"{name}_cond"] = cond_scores[f"{name}_cond"] if cond is not None else np.nan
-        parts = config.get("combine", COMBINED_PARTS)  # detectors logged before `combine`
+        parts = config.get("combine", COMBINE_LEGACY)  # detectors logged before `combine`
         both = combined_scores(normalizer, scores, cond, parts)
         out["combined"], out["combined_cond"] = both["combined"], both["combined_cond"]
     _finite_scores_or_raise(out, cond is not None)

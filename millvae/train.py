@@ -20,7 +20,14 @@ import numpy as np
 import pandas as pd
 
 from millvae import tracking
-from millvae.config import PARAM_DEFAULTS, PARAM_HELP, PARAM_NAMES, TrainConfig, make_config
+from millvae.config import (
+    PARAM_DEFAULTS,
+    PARAM_HELP,
+    PARAM_NAMES,
+    TrainConfig,
+    check_combine,
+    make_config,
+)
 from millvae.data.conditions import CONDITION_COLUMNS, ConditionScale
 from millvae.data.prepare import Prepared, prepare, why_no_detection
 from millvae.detect import plots
@@ -231,6 +238,9 @@ def _record_data(prepared: Prepared, cfg: TrainConfig, rename: bool) -> None:
     """The data's provenance and counts; the run named once its source is known; a warning up
     front (not missing metrics after the fit) where no detection figure can be computed."""
     tracking.log_data(prepared)
+    why_not = check_combine(cfg, list(prepared.signal_names))
+    if why_not:  # before any training: the data's signals are known only now
+        raise MillvaeError(why_not)
     if rename:
         tracking.set_tags({"mlflow.runName": cfg.run_name(prepared.data_source)})
     why = why_no_detection(prepared, cfg.positive)

@@ -173,6 +173,15 @@ CASES = [
     ("unknown-detector", lambda t, s: ["--detector", "forest"], "detector: expected one of"),
     ("conditional-word", lambda t, s: ["--conditional", "maybe"], "conditional: expected one of"),
     ("combine-unknown-part", lambda t, s: ["--combine", "mse,iforest"], "combine: expected"),
+    (
+        # a signal's error needs that signal among the run's: refused before any data is read
+        "combine-signal-not-used",
+        lambda t, s: [
+            *("--detector", "combined", "--combine", "mse_smcAC,pca"),
+            *("--signals", "vib_table,AE_table"),
+        ],
+        "combine: expected errors of the run's signals (vib_table, AE_table); got mse_smcAC",
+    ),
 ]
 
 

@@ -46,10 +46,12 @@ def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, tiny_c
     m = flat(run.data.metrics)
     for s in ("lat", "lat_cond", "pca", "pca_cond", "combined", "combined_cond", "kl_cond"):
         assert 0 <= m[f"test_ap_{s}"] <= 1 and f"threshold_{s}" in m
-    # the combined score is the mean of the default parts' robust z-scores (mse, pca)
+    # the combined score is the mean of the default parts' robust z-scores: the β-VAE's error
+    # on the AC spindle current alone and PCA's error
+    assert cfg.combine_parts == ("mse_smcAC", "pca")
     np.testing.assert_allclose(
         ev.scores["combined_cond"],
-        (ev.scores["mse_cond"] + ev.scores["pca_cond"]) / 2,
+        (ev.scores["mse_smcAC_cond"] + ev.scores["pca_cond"]) / 2,
     )
     loaded = _logged_detector(run)
     p = result.prepared
@@ -127,3 +129,30 @@ def test_conditional_vae_reads_the_condition_and_its_detector_requires_it_and_co
         score_raw(keras_model, config, raw)
     with pytest.raises(Exception, match=r"(?i)missing inputs"):
         loaded.predict(frame[list(p.signal_names)])
+
+
+def test_a_part_of_a_signal_the_data_lacks_fails_the_run_before_training(tracking, real5):
+    # the copy of the real data here has no AE_spindle; signals=available learns it on reading
+    from millvae.config import make_config
+    from millvae.errors import MillvaeError
+    from millvae.train import train_run
+
+    cfg = make_config(
+        data=str(real5), signals="available", detector="combined", combine="mse_AE_spindle,pca"
+    )
+    with pytest.raises(MillvaeError, match=r"combine: expected errors of the run's signals \("):
+        train_run(cfg, verbose=0)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and "mse_AE_spindle" in run.data.tags["millvae.error"]
+    assert "loss" not in run.data.metrics  # nothing trained
+
+
+def test_combine_names_signal_errors_in_any_case_and_refuses_other_words():
+    from millvae.config import make_config
+    from millvae.errors import MillvaeError
+
+    cfg = make_config(detector="combined", combine=" MSE_smcac, PCA ")
+    assert cfg.combine_parts == ("mse_smcAC", "pca")
+    for bad in ("mse_spindle", "mse_smcAC,mse_SMCAC", "smcAC"):
+        with pytest.raises(MillvaeError, match="or mse_<signal>"):
+            make_config(detector="combined", combine=bad)
