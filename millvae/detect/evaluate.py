@@ -25,7 +25,6 @@ from millvae.detect.scoring import (
     window_outputs,
     window_scores,
 )
-from millvae.errors import MillvaeError
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
 # detector=combined: PCA's reconstruction error beside the VAE's, and the two averaged
@@ -105,14 +104,8 @@ def combined_detector_scores(
     pca = fit_pca(prepared.x[fit], PCA_VARIANCE, seed)
     raw["pca"] = pca_error(pca, prepared.x)
     windows = prepared.windows.reset_index(drop=True)
-    signal_parts = [p for p in parts if p not in ("mse", "kl", "lat", "pca")]  # mse_<signal>
-    missing = [p for p in signal_parts if p not in raw]
-    if missing:
-        raise MillvaeError(
-            f"combine: expected errors of the run's signals ({', '.join(prepared.signal_names)}); "
-            f"got {', '.join(missing)}"
-        )
-    names = ["mse", "kl", "lat", "pca", *signal_parts]
+    # mse_<signal> parts (their signals are checked against the run's before training)
+    names = ["mse", "kl", "lat", "pca", *(p for p in parts if p.startswith("mse_"))]
     scores, normalizer = add_condition_scores(raw, windows, names)
     both = combined_scores(normalizer, scores, windows[list(CONDITION_COLUMNS)], parts)
     references = {"pca": pca, "latent": latent, "combine": list(parts)}

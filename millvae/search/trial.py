@@ -139,17 +139,8 @@ def _train(
             experiment_id=search.experiment_id,
             verbose=verbose,
         )
-        m = run_metrics(res.run_id)
-        # memory of the worker after each of its trials: growth across trials would show here
-        client.record_metric(res.run_id, "worker_rss_mib", _rss_mib())
-        return {
-            "index": index,
-            "status": "FINISHED",
-            "run_id": res.run_id,
-            "metric": m.get(search.metric),
-            "seconds": time.perf_counter() - t0,
-            "fit_seconds": res.training_seconds,
-        }
+        metric = run_metrics(res.run_id).get(search.metric)
+        return _finished(client, index, res.run_id, metric, t0, res.training_seconds)
     except Exception as exc:  # train_run already ended the run FAILED with the reason
         return {"index": index, "status": "FAILED", "error": _first_line(exc)}
     finally:
@@ -196,17 +187,23 @@ def _train_folds(
                 folds.append(fold_scores(seed, res.evaluation, prepared.windows))
             tag_data(prepared)
             stats = record_pooled(folds, res.evaluation.score_names, cfg, f"trial {index}")
-        client.record_metric(run.info.run_id, "worker_rss_mib", _rss_mib())
-        return {
-            "index": index,
-            "status": "FINISHED",
-            "run_id": run.info.run_id,
-            "metric": stats.get(search.metric),
-            "seconds": time.perf_counter() - t0,
-            "fit_seconds": fit_seconds,
-        }
+        return _finished(client, index, run.info.run_id, stats.get(search.metric), t0, fit_seconds)
     except Exception as exc:  # tracked_run ended the trial's run (and the fold's) FAILED
         return {"index": index, "status": "FAILED", "error": _first_line(exc)}
+
+
+def _finished(client: SearchRecords, index: int, run_id: str, metric, t0: float, fit: float):
+    """A finished trial's result; the worker's memory recorded on its run (growth across trials
+    would show there)."""
+    client.record_metric(run_id, "worker_rss_mib", _rss_mib())
+    return {
+        "index": index,
+        "status": "FINISHED",
+        "run_id": run_id,
+        "metric": metric,
+        "seconds": time.perf_counter() - t0,
+        "fit_seconds": fit,
+    }
 
 
 def _prepared(cfg, cache: dict):
