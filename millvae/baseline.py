@@ -39,6 +39,7 @@ SHARED_PARAMS = (
     "positive",
     "threshold_method",
     "threshold_percentile",
+    "smoothing",
     "bootstrap",
     "seed",
     "experiment",
@@ -83,7 +84,7 @@ def run_baseline(
             tracking.log_evaluation(ev, cfg, Path(tmp))
         summary = ", ".join(
             f"{s} {ev.metrics[f'test_ap_{s}']:.3f}"
-            for s in BASELINE_SCORES
+            for s in ev.score_names
             if f"test_ap_{s}" in ev.metrics
         )
         print(f"millvae baseline: run {run.info.run_id}: test AP {summary}")
@@ -108,15 +109,16 @@ def run_baseline_folds(cfg, seeds: list[int], pca_variance: float, n_estimators:
             split_seeds=",".join(map(str, seeds)),
         )
         tracking.start_record(params, model_type="baseline")
-        folds = []
+        folds, names = [], BASELINE_SCORES
         for seed, child_cfg, prepared in each_fold(cfg, seeds):
             _, ev = run_baseline(
                 child_cfg, pca_variance, n_estimators, prepared=prepared, nested=True
             )
             folds.append(fold_scores(seed, ev, prepared.windows))
+            names = ev.score_names  # with the smoothed scores, where asked for
         tag_data(prepared)
         if covers_every_fold(cfg, seeds):
-            record_pooled(folds, BASELINE_SCORES, cfg, "baseline")
+            record_pooled(folds, names, cfg, "baseline")
         return parent.info.run_id
 
 

@@ -101,6 +101,11 @@ class TrainConfig:
     conditional: str = _p(
         "false", "true: a conditional β-VAE, DOC, feed and material into encoder and decoder"
     )
+    smoothing: float = _p(
+        0.0,
+        "weight of a tool's earlier cuts in <score>_smooth, each condition-aware score averaged "
+        "over the tool's cuts (0 = off; 0.7 chosen on the real data's validation folds)",
+    )
     bootstrap: int = _p(1000, "bootstrap resamples (over cuts) of the test AP interval; 0 = none")
     experiment: str = _p("millvae", "MLflow experiment name")
     max_memory_gb: float = _p(
@@ -514,6 +519,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "detector": Options(DETECTORS),
     "combine": Custom(_combine),
     "conditional": Options(SWITCHES),
+    "smoothing": Interval(float, 0, 1, closed="left", label="w"),
     "bootstrap": Interval(int, 0, MAX_BOOTSTRAP),
     "max_memory_gb": Interval(float, 0, None),
     "experiment": Custom(_experiment),

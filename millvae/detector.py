@@ -9,10 +9,13 @@ Input (the signature is column-based): a DataFrame with one column per signal, n
 training (e.g. smcAC, smcDC, vib_table, vib_spindle, AE_table, AE_spindle), raw (unscaled) values,
 where each run of `window_size` consecutive rows is one window; optional columns DOC, feed and
 material give the cutting condition and must be constant within a window (required where the
-β-VAE is conditional: `conditional=true`, the config's `condition_scale`). Signal values must be
-finite and within `signal_ranges(config)`: the training range widened by `RANGE_SPANS` (100) times
-its width on each side; farther out a value is no reading of the machine and overflows the
-float32 model.
+β-VAE is conditional: `conditional=true`, the config's `condition_scale`). A detector whose decision
+is smoothed over a tool's cuts (`smoothing` > 0, `combined_cond_smooth`) also takes `cut` (which cut
+a row is of, constant within a window; the request's cuts are one tool's, in time order) and
+`smooth_start` (that tool's smoothed score after its earlier cuts, from an earlier answer).
+Signal values must be finite and within `signal_ranges(config)`: the training range widened by
+`RANGE_SPANS` (100) times its width on each side; farther out a value is no reading of the
+machine and overflows the float32 model.
 
 Output: one row per window with
 
@@ -23,6 +26,8 @@ Output: one row per window with
     lat, pca, combined       detector=combined only: the coding's Mahalanobis distance from the
     (and their _cond)        healthy codings, PCA's reconstruction error, and the mean of the
                              z-scores the run's `combine` names (default mse, pca)
+    <decision>_smooth        smoothing > 0 only: the decision score's cut means averaged over the
+                             request's cuts (NaN / null without a `cut` column)
     score, score_name        the score decided on and its name ("kl_cond", or "kl" without a
                              condition when the decision score is condition-aware)
     threshold                its validation threshold
@@ -89,6 +94,7 @@ from millvae.detect.scoring import (
     latent_distance,
     window_outputs,
 )
+from millvae.detect.trend import SUFFIX, cut_ewma, unsmoothed_name
 from millvae.errors import MillvaeError
 
 __all__ = [
@@ -100,7 +106,15 @@ __all__ = [
 ]
 
 CONFIG_FORMAT = "millvae-detector/1"
-DECISION_SCORES = ("mse", "kl", "mse_cond", "kl_cond", "combined", "combined_cond")
+DECISION_SCORES = (
+    *("mse", "kl", "mse_cond", "kl_cond", "combined", "combined_cond"),
+    # smoothing > 0: the condition-aware scores averaged over a tool's cuts (`detect.trend`)
+    *("mse_cond_smooth", "kl_cond_smooth", "combined_cond_smooth"),
+)
+# A smoothed decision reads which cut each window belongs to (`cut`, constant within a window;
+# the request's cuts are one tool's, in time order) and may continue a tool's earlier requests
+# (`smooth_start`: the smoothed score of its last cut, from an earlier response).
+HISTORY_COLUMNS = ("cut", "smooth_start")
 # scores only a detector=combined model computes (its config carries the PCA and the healthy
 # codings' mean and precision)
 COMBINED_ONLY = ("lat", "lat_cond", "pca", "pca_cond", "combined", "combined_cond")
@@ -151,6 +165,7 @@ def detector_config(
     score_seed: int = 0,
     references: dict | None = None,
     condition_scale: ConditionScale | None = None,
+    smoothing: float = 0.0,
 ) -> dict:
     """Everything besides the Keras model that the detector needs, as a JSON-able dict.
 
@@ -160,13 +175,20 @@ def detector_config(
     are `window_scores`' samples/seed; with samples > 0 the noise is drawn per request, so served
     scores equal the run's evaluation exactly only for deterministic scoring (samples = 0).
     `condition_scale`: a conditional model's (`conditional=true`); its requests must then carry
-    DOC, feed and material.
+    DOC, feed and material. `smoothing`: the weight of earlier cuts, for a decision score
+    smoothed over a tool's cuts (`<score>_smooth`).
     """
     if decision_score not in DECISION_SCORES:
         raise MillvaeError(
             f"decision_score: expected one of {', '.join(DECISION_SCORES)}; got {decision_score!r}"
         )
-    needed = [decision_score]
+    smoothed = decision_score.endswith(SUFFIX)
+    if smoothed and not 0 < float(smoothing) < 1:
+        raise MillvaeError(
+            f"smoothing: expected a weight 0 < w < 1 for the decision score {decision_score}; "
+            f"got {smoothing!r}"
+        )
+    needed = fallback_scores(decision_score)
     combined = decision_score.startswith("combined")
     if combined and not (references and {"pca", "latent"} <= set(references)):
         raise MillvaeError(
@@ -175,9 +197,8 @@ def detector_config(
         )
     parts = list((references or {}).get("combine", COMBINED_PARTS))
     stats = parts if combined else []
-    if decision_score.endswith("_cond"):
-        needed.append(_raw_name(decision_score))
-        stats = stats or [_raw_name(decision_score)]
+    if len(needed) > 1:  # a condition-aware decision: its raw score needs no condition
+        stats = stats or [needed[-1]]
     for name in stats:
         if name not in normalizer.stats:
             raise MillvaeError(
@@ -198,6 +219,8 @@ def detector_config(
         extra = {"pca": references["pca"], "latent": references["latent"], "combine": parts}
     if condition_scale is not None:
         extra["condition_scale"] = condition_scale.to_dict()
+    if smoothed:
+        extra["smoothing"] = float(smoothing)
     return {
         **extra,
         "format": CONFIG_FORMAT,
@@ -219,7 +242,14 @@ def detector_config(
 
 
 def _raw_name(score: str) -> str:
-    return score.removesuffix("_cond")
+    return unsmoothed_name(score).removesuffix("_cond")
+
+
+def fallback_scores(decision: str) -> list[str]:
+    """The decision score, then what a request decides on without a `cut` column (the score per
+    window) and without a condition (the raw score): each needs its validation threshold."""
+    chain = [decision, unsmoothed_name(decision), _raw_name(decision)]
+    return list(dict.fromkeys(chain))
 
 
 def _fmt(values) -> str:
@@ -293,11 +323,12 @@ def _windows_from_frame(
         twice = sorted({c for c in columns if columns.count(c) > 1})
         raise MillvaeError(f"input: expected each column once; got {', '.join(twice)} twice")
     missing = [s for s in signals if s not in columns]
-    unknown = [c for c in columns if c not in signals and c not in CONDITION_COLUMNS]
+    optional = [*CONDITION_COLUMNS, *(HISTORY_COLUMNS if "smoothing" in config else ())]
+    unknown = [c for c in columns if c not in signals and c not in optional]
     if missing or unknown:
         raise MillvaeError(
             f"input: expected columns {', '.join(signals)} (optionally "
-            f"{', '.join(CONDITION_COLUMNS)}); missing {_fmt(missing)}; unknown {_fmt(unknown)}"
+            f"{', '.join(optional)}); missing {_fmt(missing)}; unknown {_fmt(unknown)}"
         )
     df = df.set_axis(columns, axis=1)
     n_rows = len(df)
@@ -430,6 +461,7 @@ def score_raw(
     `_cond` scores are NaN, when no condition is given.
     """
     windows, cond = raw_windows(raw, config, conditions, max_windows)
+    history = _history(raw, config) if isinstance(raw, pd.DataFrame) else None
     signals = list(config["signal_names"])
     scaler = MinMaxScaler.from_dict(config["scaler"])
     # training scaled float32 windows in float32; doing the same keeps scores identical
@@ -470,8 +502,57 @@ def score_raw(
         both = combined_scores(normalizer, scores, cond, parts)
         out["combined"], out["combined_cond"] = both["combined"], both["combined_cond"]
     _finite_scores_or_raise(out, cond is not None)
-    _decide(out, config, normalizer, cond)
+    decision = str(config["decision_score"])
+    if decision.endswith(SUFFIX):
+        out[decision] = np.nan
+        if history is not None and cond is not None:
+            per_window = out[unsmoothed_name(decision)].to_numpy(dtype=float)
+            out[decision] = _smooth_request(per_window, history, float(config["smoothing"]))
+    _decide(out, config, normalizer, cond, history is not None)
     return out
+
+
+def _history(df: pd.DataFrame, config: dict) -> pd.DataFrame | None:
+    """Per window: its cut and the tool's `smooth_start` (NaN: a new tool), from a request's
+    columns; None without a `cut` column (the input has passed `raw_windows`)."""
+    if "smoothing" not in config or "cut" not in df.columns:
+        if "smooth_start" in df.columns:
+            raise MillvaeError(
+                "input: expected a cut column beside smooth_start (which cut each row is of); "
+                "got smooth_start alone"
+            )
+        return None
+    window_size = int(config["window_size"])
+    given = [c for c in HISTORY_COLUMNS if c in df.columns]
+    values = _numeric(df, given)
+    _finite_or_raise(values, "the cut columns", window_size, True, given)
+    per_window = values.reshape(-1, window_size, len(given))
+    varies = (per_window != per_window[:, :1, :]).any(axis=1)
+    if varies.any():
+        w, j = (int(i) for i in np.argwhere(varies)[0])
+        raise MillvaeError(
+            f"input: expected {given[j]} constant within each window of {window_size} rows; "
+            f"window {w} has {', '.join(f'{v:g}' for v in np.unique(per_window[w, :, j])[:4])}"
+        )
+    out = pd.DataFrame(per_window[:, 0, :], columns=given)
+    if "smooth_start" in out and out["smooth_start"].nunique() > 1:
+        raise MillvaeError(
+            "input: expected one smooth_start per request (its cuts are one tool's); got "
+            f"{', '.join(f'{v:g}' for v in out['smooth_start'].unique()[:4])}"
+        )
+    return out
+
+
+def _smooth_request(per_window: np.ndarray, history: pd.DataFrame, smoothing: float) -> np.ndarray:
+    """The request's cuts (in the order their first windows come) as one tool's: each window
+    gets the running average of the cut means up to its own cut, from `smooth_start` if given."""
+    cuts = history["cut"].to_numpy()
+    order, first = np.unique(cuts, return_index=True)
+    order = order[np.argsort(first)]
+    means = np.array([per_window[cuts == c].mean() for c in order])
+    start = float(history["smooth_start"].iloc[0]) if "smooth_start" in history else None
+    smoothed = dict(zip(order, cut_ewma(means, smoothing, start), strict=True))
+    return np.array([smoothed[c] for c in cuts], dtype=float)
 
 
 def _finite_scores_or_raise(out: pd.DataFrame, with_conditions: bool) -> None:
@@ -488,13 +569,26 @@ def _finite_scores_or_raise(out: pd.DataFrame, with_conditions: bool) -> None:
 
 
 def _decide(
-    out: pd.DataFrame, config: dict, normalizer: ConditionNormalizer, cond: pd.DataFrame | None
+    out: pd.DataFrame,
+    config: dict,
+    normalizer: ConditionNormalizer,
+    cond: pd.DataFrame | None,
+    with_cuts: bool = False,
 ) -> None:
     """The decision columns: the score used, its threshold, the flag and a warning per row."""
     decision = str(config["decision_score"])
     thresholds = config["thresholds"]
     used, label, warning = decision, decision, None
-    if decision.endswith("_cond") and cond is None:
+    if decision.endswith(SUFFIX) and not with_cuts and cond is not None:
+        used = unsmoothed_name(decision)
+        label = f"{used} (no cut given)"
+        warning = (
+            f"no cut column: decided per window on {used} against its threshold "
+            f"{float(thresholds[used]):.6g} instead of the model's decision score {decision} "
+            f"(threshold {float(thresholds[decision]):.6g}, the tool's cuts averaged); send "
+            "each row's cut (one tool's cuts in time order) for the smoothed decision"
+        )
+    elif "_cond" in decision and cond is None:
         used = _raw_name(decision)
         label = f"{used} (no condition given)"
         # the fallback changes score and threshold: each row says so, served JSON included
@@ -511,10 +605,11 @@ def _decide(
     out["decision"] = label
     out["is_anomaly"] = score >= float(thresholds[used])
     warnings = [warning] * len(out)
-    if decision.endswith("_cond") and cond is not None:
+    if "_cond" in decision and cond is not None:
         # the combined score's parts were all fitted on the same healthy windows
         stats_name = "pca" if decision.startswith("combined") else _raw_name(decision)
-        warnings = _unseen_condition_warnings(normalizer, stats_name, cond, decision)
+        unseen = _unseen_condition_warnings(normalizer, stats_name, cond, decision)
+        warnings = ["; ".join(w for w in (warning, u) if w) or None for u in unseen]
     # object, not pandas' string dtype, which would turn None into NaN
     out["warning"] = pd.Series(warnings, index=out.index, dtype=object)
 
@@ -583,7 +678,7 @@ class MillDetector(mlflow.pyfunc.PythonModel):
             raise error from None
         if getattr(self, "served", False):
             # MLflow writes NaN as a bare NaN token, which strict JSON parsers refuse; None
-            # becomes null (only mse_cond and kl_cond can be missing, and warning)
+            # becomes null (the _cond and _smooth scores can be missing, and warning)
             for c in out.columns:
                 if out[c].isna().any():
                     out[c] = out[c].astype(object).where(out[c].notna(), None)
@@ -740,13 +835,19 @@ def detector_signature(config: dict) -> Any:
 
     signals = list(config["signal_names"])
     needs_conditions = "condition_scale" in config  # a conditional β-VAE reads them
+    smoothed = "smoothing" in config
     inputs = Schema(
         [ColSpec("double", s) for s in signals]
         + [ColSpec("double", c, required=needs_conditions) for c in CONDITION_COLUMNS]
+        # a cut is numbered: MLflow refuses an int64 column declared double ("not safely")
+        + ([ColSpec("long", "cut", required=False)] if smoothed else [])
+        + ([ColSpec("double", "smooth_start", required=False)] if smoothed else [])
     )
     score_cols = ["mse", "kl", "mse_cond", "kl_cond", *[f"mse_{s}" for s in signals]]
     if "pca" in config:
         score_cols += list(COMBINED_ONLY)
+    if smoothed:
+        score_cols.append(str(config["decision_score"]))
     outputs = Schema(
         [ColSpec("double", c) for c in [*score_cols, "score"]]
         + [ColSpec("string", "score_name"), ColSpec("double", "threshold")]
@@ -766,4 +867,6 @@ def example_frame(
     if cond is not None:
         for c in CONDITION_COLUMNS:
             df[c] = np.repeat(cond[c].to_numpy(), w)
+    if "smoothing" in config:
+        df["cut"] = 1  # the windows of one cut
     return df

@@ -40,7 +40,7 @@ from millvae.detect.evaluate import (
     vae_scores,
 )
 from millvae.detect.report import reconstruction_examples, write_outputs
-from millvae.detector import detector_config
+from millvae.detector import detector_config, fallback_scores
 from millvae.errors import ArgParser, MillvaeError
 from millvae.pipeline import quiet_first_step, training_batches, validation_callback
 from millvae.quiet import import_tensorflow
@@ -333,7 +333,7 @@ def evaluate_model(
 def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev: Evaluation):
     """The pyfunc detector, when validation allows a threshold; its ModelInfo, else None."""
     d = ev.decision_score
-    if d not in ev.thresholds or d.removesuffix("_cond") not in ev.thresholds:
+    if any(name not in ev.thresholds for name in fallback_scores(d)):
         # without both classes on validation no threshold can be chosen honestly
         tracking.set_tags(
             {"millvae.detector": "not logged: validation lacks healthy or positive windows"}
@@ -351,6 +351,7 @@ def _log_detector(model, prepared: Prepared, cfg: TrainConfig, ev: Evaluation):
         score_seed=cfg.seed,
         references=ev.references,
         condition_scale=ev.condition_scale,
+        smoothing=cfg.smoothing,
     )
     conditions = prepared.windows.iloc[pick][["DOC", "feed", "material"]].reset_index(drop=True)
     return tracking.log_detector(

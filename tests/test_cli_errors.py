@@ -173,6 +173,7 @@ CASES = [
     ("unknown-detector", lambda t, s: ["--detector", "forest"], "detector: expected one of"),
     ("conditional-word", lambda t, s: ["--conditional", "maybe"], "conditional: expected one of"),
     ("combine-unknown-part", lambda t, s: ["--combine", "mse,iforest"], "combine: expected"),
+    ("smoothing-one", lambda t, s: ["--smoothing", "1"], "smoothing: expected 0 <= w < 1; got 1"),
     (
         # a signal's error needs that signal among the run's: refused before any data is read
         "combine-signal-not-used",

@@ -25,6 +25,7 @@ from millvae.detect.scoring import (
     window_outputs,
     window_scores,
 )
+from millvae.detect.trend import add_smoothed, smoothed_name
 
 VAE_SCORES = ("mse", "kl", "mse_cond", "kl_cond")
 # detector=combined: PCA's reconstruction error beside the VAE's, and the two averaged
@@ -225,7 +226,9 @@ def evaluate_run(
     cfg,
     extra_metrics: dict | None = None,
 ) -> Evaluation:
-    """`evaluate` with a run's settings (positive class, threshold rule, bootstrap, seed)."""
+    """`evaluate` with a run's settings (positive class, threshold rule, bootstrap, seed), the
+    scores smoothed over each tool's cuts beside them where `smoothing` asks for it."""
+    scores, score_names = add_smoothed(scores, prepared.windows, score_names, cfg.smoothing)
     ev = evaluate(
         scores,
         prepared.windows,
@@ -237,7 +240,8 @@ def evaluate_run(
         seed=cfg.seed,
     )
     ev.metrics.update(extra_metrics or {})
-    if cfg.detector == "combined" and "combined_cond" in ev.thresholds:
+    combined = smoothed_name("combined_cond") if cfg.smoothing else "combined_cond"
+    if cfg.detector == "combined" and combined in ev.thresholds:
         # the detector asked for, not the best validation score of its parts
-        ev.decision_score = "combined_cond"
+        ev.decision_score = combined
     return ev
