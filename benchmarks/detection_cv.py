@@ -127,6 +127,17 @@ def main() -> int:
     return 0
 
 
+def _cpu() -> str:
+    """The CPU's model name (speed differs between machines), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _ci(m: dict, key: str) -> str:
     if key not in m:
         return "n/a"
@@ -160,7 +171,7 @@ def report(cv: dict, window: dict, args, total: float, seconds: dict) -> str:
     lines = [
         "# Detection on whole held-out tools (real 5-signal data)",
         "",
-        f"`python benchmarks/detection_cv.py` on {platform.processor() or platform.machine()}, "
+        f"`python benchmarks/detection_cv.py` on {_cpu()}, "
         f"{os.cpu_count()} cores: {total / 60:.1f} min "
         f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())} for the folds).",
         "",
