@@ -30,7 +30,7 @@ VAE_ROWS = (
     ("kl_cond", "β-VAE KL, condition-aware"),
     ("lat", "β-VAE coding's Mahalanobis distance from healthy codings"),
     ("lat_cond", "β-VAE coding distance, condition-aware"),
-    ("combined_cond", "combined: β-VAE smcAC error + PCA, condition-aware (`combine` default)"),
+    ("combined_cond", "combined: β-VAE smcAC error + coding distance + PCA (`combine` default)"),
     ("mse_cond_smooth", "β-VAE reconstruction, condition-aware, smoothed over the tool's cuts"),
     ("lat_cond_smooth", "β-VAE coding distance, condition-aware, smoothed"),
     ("combined_cond_smooth", "combined, smoothed over the tool's cuts"),

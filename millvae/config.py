@@ -30,7 +30,7 @@ SWITCHES = ("false", "true")
 # error), and the default parts: chosen on the validation folds of the real data over three
 # training seeds (docs/detection.md)
 COMBINABLE = ("mse", "kl", "lat", "pca")
-COMBINE_DEFAULT = ("mse_smcAC", "pca")
+COMBINE_DEFAULT = ("mse_smcAC", "lat", "pca")
 # what detectors logged before `combine` existed averaged
 COMBINE_LEGACY = ("mse", "lat", "pca")
 # Upper bounds: no single parameter may exhaust the machine or overflow what consumes it. Sizes

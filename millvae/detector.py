@@ -25,7 +25,7 @@ Output: one row per window with
     mse_<signal>             reconstruction error per signal
     lat, pca, combined       detector=combined only: the coding's Mahalanobis distance from the
     (and their _cond)        healthy codings, PCA's reconstruction error, and the mean of the
-                             z-scores the run's `combine` names (default mse, pca)
+                             z-scores the run's `combine` names (default mse_smcAC, lat, pca)
     <decision>_smooth        smoothing > 0 only: the decision score's cut means averaged over the
                              request's cuts (NaN / null without a `cut` column)
     score, score_name        the score decided on and its name ("kl_cond", or "kl" without a

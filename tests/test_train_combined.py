@@ -47,11 +47,11 @@ def test_combined_detector_is_logged_and_serves_the_runs_scores(tracking, tiny_c
     for s in ("lat", "lat_cond", "pca", "pca_cond", "combined", "combined_cond", "kl_cond"):
         assert 0 <= m[f"test_ap_{s}"] <= 1 and f"threshold_{s}" in m
     # the combined score is the mean of the default parts' robust z-scores: the β-VAE's error
-    # on the AC spindle current alone and PCA's error
-    assert cfg.combine_parts == ("mse_smcAC", "pca")
+    # on the AC spindle current alone, its coding's distance and PCA's error
+    assert cfg.combine_parts == ("mse_smcAC", "lat", "pca")
     np.testing.assert_allclose(
         ev.scores["combined_cond"],
-        (ev.scores["mse_smcAC_cond"] + ev.scores["pca_cond"]) / 2,
+        (ev.scores["mse_smcAC_cond"] + ev.scores["lat_cond"] + ev.scores["pca_cond"]) / 3,
     )
     loaded = _logged_detector(run)
     p = result.prepared
