@@ -50,7 +50,7 @@ _KINDS = (
 )
 # The headline metrics copied onto the version: no per-condition (`_doc0.75`, `_steel`) or
 # interval (`_lo`, `_hi`) suffix; a score is one word, optionally `_cond`.
-_MAIN_METRIC = re.compile(r"^(val|test)_(ap|rocauc|prauc|f1)_[a-z0-9]+(_cond)?$")
+_MAIN_METRIC = re.compile(r"^(val|test)_(ap|rocauc|prauc|f1)_[a-z0-9]+(_cond)?(_smooth)?$")
 _ALIAS = re.compile(r"^[\w\-]+$")
 # Which runs are compared: figures of the seed's window split (windows of one cut in training and
 # test) are not comparable with those of whole held-out tools or cuts.

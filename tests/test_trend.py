@@ -144,3 +144,12 @@ def test_a_smoothed_combined_detector_is_chosen_logged_and_served(tracking, tiny
     ):
         with pytest.raises(mlflow.exceptions.MlflowException, match=why):
             loaded.predict(bad)
+
+    # registered by its validation figure, the smoothed figures on the version
+    from millvae.register import register_best
+
+    reg = register_best(metric="val_ap_combined_cond_smooth", allow_synthetic=True)
+    assert reg.run_id == result.run_id and reg.test_ap_metric == "test_ap_combined_cond_smooth"
+    assert "test_ap_combined_cond_smooth" in reg.version_tags
+    served = mlflow.pyfunc.load_model("models:/millvae@champion").predict(frame)
+    np.testing.assert_array_equal(served["combined_cond_smooth"], out["combined_cond_smooth"])
