@@ -94,7 +94,7 @@ from millvae.detect.scoring import (
     latent_distance,
     window_outputs,
 )
-from millvae.detect.trend import SUFFIX, cut_ewma, unsmoothed_name
+from millvae.detect.trend import SUFFIX, smooth_windows, unsmoothed_name
 from millvae.errors import MillvaeError
 
 __all__ = [
@@ -351,19 +351,24 @@ def _windows_from_frame(
             f"input: expected all condition columns {', '.join(CONDITION_COLUMNS)} or none; "
             f"got {', '.join(given)} without {', '.join(absent)}"
         )
-    cond = _numeric(df, list(CONDITION_COLUMNS))
-    _finite_or_raise(cond, "the condition columns", window_size, True, list(CONDITION_COLUMNS))
-    per_window = cond.reshape(-1, window_size, len(CONDITION_COLUMNS))
+    return raw, _per_window(df, list(CONDITION_COLUMNS), "the condition columns", window_size)
+
+
+def _per_window(df: pd.DataFrame, columns: list[str], what: str, window_size: int) -> pd.DataFrame:
+    """One row per window of per-window columns (a condition, a cut): numbers, finite and
+    constant within each window of `window_size` rows, or a one-line error."""
+    values = _numeric(df, columns)
+    _finite_or_raise(values, what, window_size, True, columns)
+    per_window = values.reshape(-1, window_size, len(columns))
     varies = (per_window != per_window[:, :1, :]).any(axis=1)
     if varies.any():
         w, j = (int(i) for i in np.argwhere(varies)[0])
         seen = np.unique(per_window[w, :, j])
         raise MillvaeError(
-            f"input: expected {CONDITION_COLUMNS[j]} constant within each window of {window_size} "
+            f"input: expected {columns[j]} constant within each window of {window_size} "
             f"rows; window {w} has {', '.join(f'{v:g}' for v in seen[:4])}"
         )
-    conditions = pd.DataFrame(per_window[:, 0, :], columns=list(CONDITION_COLUMNS))
-    return raw, conditions
+    return pd.DataFrame(per_window[:, 0, :], columns=columns)
 
 
 def _numeric(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -522,19 +527,8 @@ def _history(df: pd.DataFrame, config: dict) -> pd.DataFrame | None:
                 "got smooth_start alone"
             )
         return None
-    window_size = int(config["window_size"])
     given = [c for c in HISTORY_COLUMNS if c in df.columns]
-    values = _numeric(df, given)
-    _finite_or_raise(values, "the cut columns", window_size, True, given)
-    per_window = values.reshape(-1, window_size, len(given))
-    varies = (per_window != per_window[:, :1, :]).any(axis=1)
-    if varies.any():
-        w, j = (int(i) for i in np.argwhere(varies)[0])
-        raise MillvaeError(
-            f"input: expected {given[j]} constant within each window of {window_size} rows; "
-            f"window {w} has {', '.join(f'{v:g}' for v in np.unique(per_window[w, :, j])[:4])}"
-        )
-    out = pd.DataFrame(per_window[:, 0, :], columns=given)
+    out = _per_window(df, given, "the cut columns", int(config["window_size"]))
     if "smooth_start" in out and out["smooth_start"].nunique() > 1:
         raise MillvaeError(
             "input: expected one smooth_start per request (its cuts are one tool's); got "
@@ -547,12 +541,11 @@ def _smooth_request(per_window: np.ndarray, history: pd.DataFrame, smoothing: fl
     """The request's cuts (in the order their first windows come) as one tool's: each window
     gets the running average of the cut means up to its own cut, from `smooth_start` if given."""
     cuts = history["cut"].to_numpy()
-    order, first = np.unique(cuts, return_index=True)
-    order = order[np.argsort(first)]
-    means = np.array([per_window[cuts == c].mean() for c in order])
+    # a cut's place in the tool's life: where its first window comes in the request
+    order = pd.Series(np.arange(len(cuts))).groupby(cuts).transform("min").to_numpy()
     start = float(history["smooth_start"].iloc[0]) if "smooth_start" in history else None
-    smoothed = dict(zip(order, cut_ewma(means, smoothing, start), strict=True))
-    return np.array([smoothed[c] for c in cuts], dtype=float)
+    one_tool = np.zeros(len(cuts))
+    return smooth_windows(per_window, one_tool, order, cuts, smoothing, start=start)
 
 
 def _finite_scores_or_raise(out: pd.DataFrame, with_conditions: bool) -> None:

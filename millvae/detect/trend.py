@@ -46,11 +46,16 @@ def cut_ewma(cut_means: np.ndarray, smoothing: float, start: float | None = None
 
 
 def smooth_windows(
-    scores: np.ndarray, tools: np.ndarray, order: np.ndarray, cuts: np.ndarray, smoothing: float
+    scores: np.ndarray,
+    tools: np.ndarray,
+    order: np.ndarray,
+    cuts: np.ndarray,
+    smoothing: float,
+    start: float | None = None,
 ) -> np.ndarray:
     """Each window's smoothed score: the running average of its tool's cut means up to and
     including its own cut. `tools`, `order` (a cut's position in its tool's life, e.g. the run
-    number) and `cuts` (a cut id) are given per window."""
+    number) and `cuts` (a cut id) are given per window; `start` as in `cut_ewma`."""
     d = pd.DataFrame({"tool": tools, "order": order, "cut": cuts, "s": scores})
     per_cut = (
         d.groupby("cut", sort=False)
@@ -59,7 +64,7 @@ def smooth_windows(
     )
     smoothed = pd.Series(np.nan, index=per_cut.index, dtype=float)
     for _, one in per_cut.groupby("tool", sort=False):
-        smoothed.loc[one.index] = cut_ewma(one["s"].to_numpy(), smoothing)
+        smoothed.loc[one.index] = cut_ewma(one["s"].to_numpy(), smoothing, start)
     return smoothed.reindex(d["cut"]).to_numpy(dtype=float)
 
 
